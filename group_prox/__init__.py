@@ -1,0 +1,26 @@
+"""group_prox: structured sparsity for PyTorch by exact hierarchical proximal gradient."""
+
+from . import hierarchy, penalties
+from .hierarchy import Hierarchy
+from .optim import ProxAdam, ProxSGD
+from .penalties import L1, GroupDecay, GroupL0, GroupLasso, Penalty, SparseGroupLasso
+from .report import SparsityReport, get_sparsity_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "L1",
+    "GroupDecay",
+    "GroupL0",
+    "GroupLasso",
+    "Hierarchy",
+    "Penalty",
+    "ProxAdam",
+    "ProxSGD",
+    "SparseGroupLasso",
+    "SparsityReport",
+    "__version__",
+    "get_sparsity_report",
+    "hierarchy",
+    "penalties",
+]

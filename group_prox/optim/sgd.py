@@ -1,0 +1,100 @@
+"""ProxSGD: torch.optim.SGD followed by the exact prox of a hierarchical group penalty."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..hierarchy.core import Hierarchy
+from ..penalties import Penalty
+from ._prox import ProxMixin, split_state_dict, unhooked_step, with_prox_state
+
+__all__ = ["ProxSGD"]
+
+_sgd_step = unhooked_step(torch.optim.SGD.step)
+
+
+class ProxSGD(ProxMixin, torch.optim.SGD):
+    r"""Stochastic gradient descent with an exact proximal step for structured sparsity.
+
+    Every step is the ordinary :class:`torch.optim.SGD` update (all its options: momentum,
+    dampening, Nesterov, coupled weight decay, ``maximize``, ``foreach``, ``fused``), followed by
+
+    .. math:: x \leftarrow \operatorname{prox}_{\eta\,\Omega}(x), \qquad
+              \Omega = \sum_{\text{level}} \Omega_{\text{level}},
+
+    where :math:`\eta` is the current ``lr`` of the parameter group and each level's penalty acts on
+    that level's groups (see :mod:`group_prox.penalties`). The penalty is never added to the loss;
+    the prox is what makes whole groups exactly zero.
+
+    Args:
+        params: as for :class:`torch.optim.SGD` (tensors, named tensors or param-group dicts).
+        lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused:
+            as for :class:`torch.optim.SGD`.
+        hierarchy: the :class:`~group_prox.Hierarchy` of parameter groups, e.g.
+            ``group_prox.hierarchy.resnet(model)``. Every tensor in it must be among ``params``.
+        penalties: mapping ``level name -> penalty`` (levels without a penalty are not penalised).
+
+    Notes:
+        * With every λ equal to 0 the optimizer is exactly :class:`torch.optim.SGD`.
+        * All parameters of a group tree must share one ``lr`` (checked at construction and at
+          every step, so that schedulers cannot split them).
+        * A parameter whose ``grad`` is ``None`` is skipped by the gradient update, as in torch, but
+          its groups are still shrunk: the penalty is part of the objective whether or not the loss
+          reached the tensor, and a group that spans several tensors (a filter and its BatchNorm
+          channel) must be shrunk as one.
+        * ``maximize`` flips the gradient only; penalties always pull towards zero.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        hierarchy: Hierarchy | None = None,
+        penalties: Mapping[str, Penalty] | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        self._init_prox(hierarchy, penalties)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One SGD update, then the prox of the penalty with step size ``lr``.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional, as in torch).
+        """
+        self._check_step_sizes()
+        loss = _sgd_step(self, closure)
+        self._prox_step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return with_prox_state(super().state_dict(), self._prox_state())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch_state, prox_state = split_state_dict(state_dict)
+        self._check_prox_state(prox_state)
+        super().load_state_dict(torch_state)
+        self._apply_prox_state(prox_state)

@@ -1,0 +1,322 @@
+"""Group penalties and their proximal operators, written on group norms.
+
+Every penalty here is attached to one *level* of a :class:`~group_prox.Hierarchy` and acts on the
+groups of that level. With step size ``eta`` (the learning rate of the optimizer), the proximal
+operator of a penalty ``Ω`` maps a point ``v`` to::
+
+    prox_{eta Ω}(v) = argmin_x  ½‖x − v‖² + eta·Ω(x)
+
+All penalties below have proxes that are either *elementwise soft-thresholding* or a *scaling of
+each group*, so the optimizer only needs, per group, one scale factor computed from the group's
+Euclidean norm. The scale functions below take squared group norms and return scales; they never
+touch the parameters themselves.
+
+Group weights ``w_g`` (``weight=``) follow the usual convention of the group lasso literature:
+
+* ``"sqrt_size"`` (default for :class:`GroupLasso` and :class:`SparseGroupLasso`):
+  ``w_g = sqrt(n_g)`` with ``n_g`` the number of scalars in the group, so that a group of random
+  weights is penalised independently of its size;
+* ``"size"`` (default for :class:`GroupL0`): ``w_g = n_g``;
+* a number: the same weight for every group;
+* a callable ``f(n_g) -> float``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "L1",
+    "GroupDecay",
+    "GroupL0",
+    "GroupLasso",
+    "Penalty",
+    "SparseGroupLasso",
+    "WeightSpec",
+]
+
+WeightSpec = Literal["sqrt_size", "size"] | float | Callable[[int], float]
+
+_ACC_DTYPE = torch.float64
+
+
+def _check_lam(lam: object, owner: str) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise TypeError(f"{owner}: lam must be a real number, got {type(lam).__name__} {lam!r}.")
+    lam = float(lam)
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"{owner}: lam must be finite and >= 0, got {lam!r}.")
+    return lam
+
+
+def _check_weight(weight: object, owner: str) -> WeightSpec:
+    if weight in ("sqrt_size", "size") or callable(weight):
+        return weight  # type: ignore[return-value]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TypeError(
+            f"{owner}: weight must be 'sqrt_size', 'size', a non-negative number or a callable "
+            f"taking the group size, got {weight!r}."
+        )
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"{owner}: a numeric weight must be finite and >= 0, got {weight!r}.")
+    return float(weight)
+
+
+def group_weight(weight: WeightSpec, size: int) -> float:
+    """The weight ``w_g`` of a group of ``size`` scalars under the weight convention ``weight``."""
+    if weight == "sqrt_size":
+        return math.sqrt(size)
+    if weight == "size":
+        return float(size)
+    if callable(weight):
+        w = float(weight(size))
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"the weight callable returned {w!r} for a group of {size} scalars.")
+        return w
+    return float(weight)  # type: ignore[arg-type]
+
+
+def _flat_group(group: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.detach().reshape(-1).to(_ACC_DTYPE) for t in group])
+
+
+class Penalty:
+    """Base class: a penalty ``Ω`` on the groups of one level, scaled by ``lam`` (λ).
+
+    Subclasses define
+
+    * :attr:`l1_part`: the coefficient of the elementwise ``‖x‖₁`` part (soft-threshold ``eta·l1_part``),
+      applied to every scalar of the level before any group shrink;
+    * :meth:`group_scale`: the factor each group is multiplied by, from its squared norm;
+    * :meth:`value`: the penalty's value, for logging and optimality certificates.
+
+    ``order`` says when the group scale is applied inside one proximal step: ``"tree"`` penalties
+    are applied level by level from the finest level to the coarsest (the exact prox of a
+    tree-structured sum of norms); ``"last"`` penalties (uniform decay) after all of them.
+    """
+
+    order: Literal["tree", "last"] = "tree"
+    #: ``True`` if the penalty is convex (the optimality certificate applies).
+    convex: bool = True
+
+    def __init__(self, lam: float, weight: WeightSpec = "sqrt_size") -> None:
+        self._name = type(self).__name__
+        self.lam = lam
+        self.weight = _check_weight(weight, self._name)
+
+    # λ is read at every step, so a controller may change it during training.
+    @property
+    def lam(self) -> float:
+        return self._lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        self._lam = _check_lam(value, self._name)
+
+    @property
+    def l1_part(self) -> float:
+        """Coefficient of the elementwise L1 part of the penalty."""
+        return 0.0
+
+    @property
+    def has_group_part(self) -> bool:
+        """Whether :meth:`group_scale` can differ from 1."""
+        return True
+
+    def weights(self, sizes: Sequence[int]) -> list[float]:
+        return [group_weight(self.weight, n) for n in sizes]
+
+    def group_scale(self, sq_norms: Tensor, eta: Tensor, weights: Tensor) -> Tensor:
+        """Scale factor of each group, given its squared norm after the elementwise part."""
+        raise NotImplementedError
+
+    def value(self, groups: Sequence[Sequence[Tensor]]) -> Tensor:
+        """``Ω(x)`` for the given groups (each a sequence of member tensors), as a float64 scalar."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, float]:
+        return {"lam": self.lam}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.lam = state["lam"]
+
+    def _extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        extra = self._extra_repr()
+        return f"{self._name}(lam={self.lam:g}{', ' + extra if extra else ''})"
+
+
+def _lasso_scale(sq_norms: Tensor, thresholds: Tensor) -> Tensor:
+    # where() rather than clamp(1 - t/‖x‖): a zero group stays zero instead of producing NaN.
+    norms = sq_norms.sqrt()
+    return torch.where(norms > thresholds, 1.0 - thresholds / norms, torch.zeros_like(norms))
+
+
+class GroupLasso(Penalty):
+    r"""Group lasso: ``Ω(x) = λ Σ_g w_g ‖x_g‖₂``.
+
+    Prox (block soft-thresholding), with threshold ``τ_g = eta·λ·w_g``::
+
+        x_g ← max(0, 1 − τ_g / ‖x_g‖₂) · x_g
+
+    A group whose norm is at most ``τ_g`` becomes exactly zero. In the earlier project's
+    configuration language this is ``norm="L1", inner_norm="L2"``.
+    """
+
+    def group_scale(self, sq_norms: Tensor, eta: Tensor, weights: Tensor) -> Tensor:
+        return _lasso_scale(sq_norms, eta * (self.lam * weights))
+
+    def value(self, groups: Sequence[Sequence[Tensor]]) -> Tensor:
+        total = torch.zeros((), dtype=_ACC_DTYPE)
+        for g in groups:
+            x = _flat_group(g)
+            total = total + group_weight(self.weight, x.numel()) * torch.linalg.vector_norm(x).cpu()
+        return self.lam * total
+
+    def _extra_repr(self) -> str:
+        return "" if self.weight == "sqrt_size" else f"weight={self.weight!r}"
+
+
+class L1(Penalty):
+    r"""Elementwise lasso: ``Ω(x) = λ ‖x‖₁`` over every scalar of the level.
+
+    Prox (soft-thresholding), with threshold ``τ = eta·λ``::
+
+        x ← sign(x) · max(0, |x| − τ)
+
+    The grouping of the level does not matter. Seed configuration: ``norm="sum", inner_norm="L1"``.
+    """
+
+    def __init__(self, lam: float) -> None:
+        super().__init__(lam, weight=1.0)
+
+    @property
+    def l1_part(self) -> float:
+        return self.lam
+
+    @property
+    def has_group_part(self) -> bool:
+        return False
+
+    def group_scale(self, sq_norms: Tensor, eta: Tensor, weights: Tensor) -> Tensor:
+        return torch.ones_like(sq_norms)
+
+    def value(self, groups: Sequence[Sequence[Tensor]]) -> Tensor:
+        total = torch.zeros((), dtype=_ACC_DTYPE)
+        for g in groups:
+            total = total + _flat_group(g).abs().sum().cpu()
+        return self.lam * total
+
+
+class SparseGroupLasso(Penalty):
+    r"""Sparse group lasso: ``Ω(x) = λ (α ‖x‖₁ + (1 − α) Σ_g w_g ‖x_g‖₂)`` with ``α = l1_ratio``.
+
+    Its exact prox is elementwise soft-thresholding at ``eta·λ·α`` followed by block
+    soft-thresholding of the result at ``τ_g = eta·λ·(1 − α)·w_g``.
+    """
+
+    def __init__(self, lam: float, l1_ratio: float = 0.5, weight: WeightSpec = "sqrt_size") -> None:
+        if isinstance(l1_ratio, bool) or not isinstance(l1_ratio, (int, float)):
+            raise TypeError(f"SparseGroupLasso: l1_ratio must be a number, got {l1_ratio!r}.")
+        if not 0.0 <= float(l1_ratio) <= 1.0:
+            raise ValueError(f"SparseGroupLasso: l1_ratio must be in [0, 1], got {l1_ratio!r}.")
+        self.l1_ratio = float(l1_ratio)
+        super().__init__(lam, weight)
+
+    @property
+    def l1_part(self) -> float:
+        return self.lam * self.l1_ratio
+
+    @property
+    def has_group_part(self) -> bool:
+        return self.l1_ratio < 1.0
+
+    def group_scale(self, sq_norms: Tensor, eta: Tensor, weights: Tensor) -> Tensor:
+        return _lasso_scale(sq_norms, eta * (self.lam * (1.0 - self.l1_ratio) * weights))
+
+    def value(self, groups: Sequence[Sequence[Tensor]]) -> Tensor:
+        l1 = torch.zeros((), dtype=_ACC_DTYPE)
+        gl = torch.zeros((), dtype=_ACC_DTYPE)
+        for g in groups:
+            x = _flat_group(g)
+            l1 = l1 + x.abs().sum().cpu()
+            gl = gl + group_weight(self.weight, x.numel()) * torch.linalg.vector_norm(x).cpu()
+        return self.lam * (self.l1_ratio * l1 + (1.0 - self.l1_ratio) * gl)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"lam": self.lam, "l1_ratio": self.l1_ratio}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.lam = state["lam"]
+        self.l1_ratio = float(state.get("l1_ratio", self.l1_ratio))
+
+    def _extra_repr(self) -> str:
+        return f"l1_ratio={self.l1_ratio:g}"
+
+
+class GroupDecay(Penalty):
+    r"""Group weight decay: ``Ω(x) = ½ λ Σ_g ‖x_g‖₂²``.
+
+    Prox: ``x ← x / (1 + eta·λ)``. It never produces zeros. Seed configuration:
+    ``norm="L2", inner_norm="L2"``.
+
+    Within one proximal step the decay is applied after all tree penalties. This is the exact
+    prox of the sum whenever the decay covers each tree of the hierarchy uniformly (the usual case:
+    decay on every filter, or on every parameter), because the prox of a positively homogeneous
+    penalty commutes with uniform scaling; otherwise it is the standard composition.
+    """
+
+    order = "last"
+
+    def __init__(self, lam: float) -> None:
+        super().__init__(lam, weight=1.0)
+
+    def group_scale(self, sq_norms: Tensor, eta: Tensor, weights: Tensor) -> Tensor:
+        return (1.0 / (1.0 + eta * self.lam)).expand_as(sq_norms)
+
+    def value(self, groups: Sequence[Sequence[Tensor]]) -> Tensor:
+        total = torch.zeros((), dtype=_ACC_DTYPE)
+        for g in groups:
+            total = total + _flat_group(g).square().sum().cpu()
+        return 0.5 * self.lam * total
+
+
+class GroupL0(Penalty):
+    r"""Group count: ``Ω(x) = λ Σ_g w_g · [x_g ≠ 0]`` (non-convex).
+
+    Its exact prox is a hard threshold::
+
+        x_g ← 0   if ½‖x_g‖₂² ≤ eta·λ·w_g,   else x_g unchanged
+
+    With the default ``weight="size"`` (``w_g = n_g``), a group is removed when its mean square
+    ``‖x_g‖²/n_g`` is at most ``2·eta·λ``, whatever its size. Combined with other levels, the hard
+    threshold is applied at this level's place in the finest-to-coarsest order, to the values left by
+    the finer levels; that composition is exact for an L0 level alone, not in general.
+    """
+
+    convex = False
+
+    def __init__(self, lam: float, weight: WeightSpec = "size") -> None:
+        super().__init__(lam, weight)
+
+    def group_scale(self, sq_norms: Tensor, eta: Tensor, weights: Tensor) -> Tensor:
+        keep = 0.5 * sq_norms > eta * (self.lam * weights)
+        return keep.to(sq_norms.dtype)
+
+    def value(self, groups: Sequence[Sequence[Tensor]]) -> Tensor:
+        total = torch.zeros((), dtype=_ACC_DTYPE)
+        for g in groups:
+            x = _flat_group(g)
+            if bool((x != 0).any()):
+                total = total + group_weight(self.weight, x.numel())
+        return self.lam * total
+
+    def _extra_repr(self) -> str:
+        return "" if self.weight == "size" else f"weight={self.weight!r}"

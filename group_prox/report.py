@@ -1,0 +1,233 @@
+"""What survived: counts of exactly-zero groups per level, per-tensor strips, and exports."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .hierarchy.core import Hierarchy
+
+__all__ = ["LevelSparsity", "SparsityReport", "TensorSparsity", "get_sparsity_report"]
+
+_WIDTH = 80
+ALIVE, ZERO, MIXED = "█", "░", "▒"
+
+
+@dataclass
+class LevelSparsity:
+    """Counts for one level. A group is zero only if every scalar in it is exactly 0.0."""
+
+    groups: int
+    zero_groups: int
+    params: int
+    zero_params: int
+    zero_group_names: list[str] = field(default_factory=list)
+    group_names: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def group_fraction(self) -> float:
+        return self.zero_groups / self.groups if self.groups else 0.0
+
+
+@dataclass
+class TensorSparsity:
+    """One tensor of the hierarchy: its units (filters, rows, columns or the whole tensor)."""
+
+    name: str
+    module: str
+    shape: list[int]
+    dim: int | None
+    units: int
+    zero_units: int
+    numel: int
+    zero_numel: int
+    zero_mask: list[bool] = field(repr=False)
+
+
+@dataclass
+class SparsityReport:
+    """Exact zeros in a model, per level of a hierarchy and per tensor.
+
+    Attributes:
+        levels: ``level name -> LevelSparsity`` (``groups``, ``zero_groups``, ``params``,
+            ``zero_params``; ``params`` counts the scalars the level's groups cover).
+        tensors: one :class:`TensorSparsity` per tensor of the hierarchy.
+        total_params: scalars in all parameters of the model (or optimizer).
+        zero_params: scalars among them that are exactly 0.0.
+        structured_zero_params: scalars inside a zero group of some level (removable structure).
+    """
+
+    levels: dict[str, LevelSparsity]
+    tensors: list[TensorSparsity]
+    total_params: int
+    zero_params: int
+    structured_zero_params: int
+
+    @property
+    def zero_fraction(self) -> float:
+        return self.zero_params / self.total_params if self.total_params else 0.0
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict of everything in the report."""
+        out = asdict(self)
+        out["zero_fraction"] = self.zero_fraction
+        return out
+
+    def to_markdown(self) -> str:
+        lines = [
+            "| level | groups | zero groups | params | zero params |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, lv in self.levels.items():
+            lines.append(
+                f"| {name} | {lv.groups} | {lv.zero_groups} ({100 * lv.group_fraction:.1f}%) | "
+                f"{lv.params} | {lv.zero_params} |"
+            )
+        lines += [
+            "",
+            f"Exact zeros: {self.zero_params} of {self.total_params} parameters "
+            f"({100 * self.zero_fraction:.1f}%); {self.structured_zero_params} inside zero groups.",
+            "",
+            "| tensor | shape | zero units |",
+            "| --- | --- | ---: |",
+        ]
+        for t in self.tensors:
+            lines.append(f"| {t.name} | {tuple(t.shape)} | {t.zero_units}/{t.units} |")
+        return "\n".join(lines) + "\n"
+
+    def __str__(self) -> str:
+        out = [
+            f"Sparsity report: {self.zero_params:,} of {self.total_params:,} parameters exactly zero "
+            f"({100 * self.zero_fraction:.1f}%)",
+            f"{'level':<14}{'zero groups':>24}{'zero params':>34}",
+        ]
+        for name, lv in self.levels.items():
+            pct = 100 * lv.zero_params / lv.params if lv.params else 0.0
+            groups = f"{lv.zero_groups}/{lv.groups} ({100 * lv.group_fraction:.1f}%)"
+            params = f"{lv.zero_params:,}/{lv.params:,} ({pct:.1f}%)"
+            out.append(f"{_fit(name, 14)}{groups:>24}{params:>34}")
+        strips = [t for t in self.tensors if t.dim is not None and len(t.shape) >= 2]
+        if strips:
+            out.append(f"filters ({ALIVE} active, {ZERO} zero, {MIXED} some zero):")
+            label = min(30, max(len(t.module) for t in strips))
+            counts = [f"{t.zero_units}/{t.units}" for t in strips]
+            cw = max(len(c) for c in counts)
+            width = _WIDTH - label - cw - 2
+            for t, count in zip(strips, counts):
+                out.append(f"{_fit(t.module, label)} {count:>{cw}} {_strip(t.zero_mask, width)}")
+        for name in list(self.levels)[1:]:
+            lv = self.levels[name]
+            if lv.groups:
+                out.append(f"{name} ({ZERO} zero):")
+                out.extend(_wrap_groups(lv.group_names, set(lv.zero_group_names)))
+        return "\n".join(out)
+
+
+def _fit(text: str, width: int) -> str:
+    return text.ljust(width) if len(text) <= width else "…" + text[-(width - 1) :]
+
+
+def _strip(zero_mask: list[bool], width: int) -> str:
+    zeros = np.asarray(zero_mask, dtype=bool)
+    if zeros.size <= width:
+        return "".join(ZERO if z else ALIVE for z in zeros)
+    # More units than columns: each column stands for a bucket of consecutive units.
+    edges = np.linspace(0, zeros.size, width + 1).astype(int)
+    chars = []
+    for lo, hi in itertools.pairwise(edges):
+        bucket = zeros[lo:hi]
+        chars.append(ZERO if bucket.all() else ALIVE if not bucket.any() else MIXED)
+    return "".join(chars)
+
+
+def _wrap_groups(names: Iterable[str], zero: set[str]) -> list[str]:
+    lines, line = [], "  "
+    for n in names:
+        token = ZERO if n in zero else f"[{n}]"
+        if len(line) + len(token) + 1 > _WIDTH and line.strip():
+            lines.append(line.rstrip())
+            line = "  "
+        line += token + " "
+    if line.strip():
+        lines.append(line.rstrip())
+    return lines
+
+
+@torch.no_grad()
+def build_report(hierarchy: Hierarchy, all_params: Iterable[Tensor]) -> SparsityReport:
+    """Count exact zeros of ``hierarchy`` and of ``all_params`` (the whole model's parameters)."""
+    unique = {id(p): p for p in all_params}
+    for lay in hierarchy.tensors:
+        unique.setdefault(id(lay.param), lay.param)
+    total = sum(p.numel() for p in unique.values())
+    zero = sum(int((p.detach() == 0).sum()) for p in unique.values())
+
+    atom_zero_parts, tensors = [], []
+    for lay in hierarchy.tensors:
+        p = lay.param.detach()
+        if lay.dim is None:
+            mask = (p == 0).all().reshape(1)
+        elif p.dim() == 1:
+            mask = p == 0
+        else:
+            mask = p.abs().amax(dim=lay.reduce_dims) == 0
+        mask_np = mask.cpu().numpy().astype(bool)
+        atom_zero_parts.append(mask_np)
+        tensors.append(
+            TensorSparsity(
+                name=lay.name,
+                module=lay.module_name,
+                shape=list(p.shape),
+                dim=lay.dim,
+                units=lay.num_atoms,
+                zero_units=int(mask_np.sum()),
+                numel=p.numel(),
+                zero_numel=int((p == 0).sum()),
+                zero_mask=mask_np.tolist(),
+            )
+        )
+    atom_zero = np.concatenate(atom_zero_parts) if atom_zero_parts else np.zeros(0, bool)
+    numel = hierarchy.atom_numel
+    in_zero_group = np.zeros_like(atom_zero)
+
+    levels = {}
+    for name in hierarchy.level_names:
+        owner = hierarchy.atom_group(name)
+        g = hierarchy.num_groups(name)
+        member = owner >= 0
+        alive_atoms = np.bincount(owner[member], weights=~atom_zero[member], minlength=g)
+        group_zero = alive_atoms == 0
+        sizes = np.bincount(owner[member], weights=numel[member], minlength=g).astype(np.int64)
+        in_zero_group |= member & group_zero[np.where(member, owner, 0)]
+        names = list(hierarchy.group_names(name))
+        levels[name] = LevelSparsity(
+            groups=g,
+            zero_groups=int(group_zero.sum()),
+            params=int(sizes.sum()),
+            zero_params=int(sizes[group_zero].sum()),
+            zero_group_names=[n for n, z in zip(names, group_zero) if z],
+            group_names=names,
+        )
+    return SparsityReport(
+        levels=levels,
+        tensors=tensors,
+        total_params=total,
+        zero_params=zero,
+        structured_zero_params=int(numel[in_zero_group].sum()),
+    )
+
+
+def get_sparsity_report(model: nn.Module, hierarchy: Hierarchy) -> SparsityReport:
+    """The :class:`SparsityReport` of ``model`` for the groups of ``hierarchy``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+    if not isinstance(hierarchy, Hierarchy):
+        raise TypeError(
+            f"hierarchy must be a group_prox.Hierarchy, got {type(hierarchy).__name__}."
+        )
+    return build_report(hierarchy, model.parameters())
