@@ -130,12 +130,20 @@ class ProxPlan:
         atom_component: Tensor
         component_param_group: Tensor
         atom_numel: Tensor
+        # Buffers reused at every step, with their per-tensor views made once: building 100+
+        # views per step costs more than the arithmetic on the atom vectors.
+        atom_sq: Tensor
+        scale: Tensor
+        scale_views: list[Tensor]
 
     def on(self, device: torch.device) -> ProxPlan._OnDevice:
-        """The index tensors on ``device`` (moved once, then cached)."""
+        """The index tensors and work buffers on ``device`` (made once, then cached)."""
         cached = self._device_cache.get(device)
         if cached is None:
             acc = self.acc_dtype
+            atom_sq = torch.zeros(self.hierarchy.num_atoms, dtype=acc, device=device)
+            scale = torch.ones_like(atom_sq)
+            spans = [(lay.offset, lay.offset + lay.num_atoms) for lay in self.tensors]
             cached = ProxPlan._OnDevice(
                 atom_group=[lv.atom_group.to(device) for lv in self.levels],
                 in_level=[lv.in_level.to(device) for lv in self.levels],
@@ -144,6 +152,11 @@ class ProxPlan:
                 atom_component=self.atom_component.to(device),
                 component_param_group=self.component_param_group.to(device),
                 atom_numel=self.atom_numel.to(device, acc),
+                atom_sq=atom_sq,
+                scale=scale,
+                scale_views=[
+                    scale[a:b].view(lay.atom_shape) for (a, b), lay in zip(spans, self.tensors)
+                ],
             )
             self._device_cache[device] = cached
         return cached
@@ -157,22 +170,35 @@ class ProxPlan:
         return "?"  # pragma: no cover
 
 
-def atom_sq_norms(tensors: Sequence[TensorLayout], acc_dtype: torch.dtype) -> Tensor:
-    """Squared Euclidean norm of every atom, concatenated in atom order (one read per tensor)."""
-    whole = [lay.param for lay in tensors if lay.dim is None]
-    whole_norms = iter(torch._foreach_norm(whole, 2, dtype=acc_dtype) if whole else [])
-    parts = []
+def atom_sq_norms(
+    tensors: Sequence[TensorLayout], acc_dtype: torch.dtype, out: Tensor | None = None
+) -> Tensor:
+    """Squared Euclidean norm of every atom in atom order, one read per tensor.
+
+    ``out`` (optional) is a buffer of one entry per atom to write them into."""
+    if out is None:
+        out = torch.empty(
+            sum(lay.num_atoms for lay in tensors), dtype=acc_dtype, device=tensors[0].param.device
+        )
+    # Atom norms are written first and squared once at the end, in one operation.
+    whole, whole_out, vectors, vectors_out = [], [], [], []
     for lay in tensors:
         p = lay.param.detach()
+        view = out[lay.offset : lay.offset + lay.num_atoms]
         if lay.dim is None:
-            parts.append(next(whole_norms).reshape(1).square())
+            whole.append(p)
+            whole_out.append(view)
         elif p.dim() == 1:
-            parts.append(p.to(acc_dtype).square())
+            vectors.append(p)
+            vectors_out.append(view)
         else:
-            parts.append(
-                torch.linalg.vector_norm(p, 2, dim=lay.reduce_dims, dtype=acc_dtype).square()
-            )
-    return torch.cat(parts)
+            torch.linalg.vector_norm(p, 2, dim=lay.reduce_dims, dtype=acc_dtype, out=view)
+    if whole:
+        norms = torch._foreach_norm(whole, 2, dtype=acc_dtype)
+        torch._foreach_copy_(whole_out, [n.reshape(1) for n in norms])
+    if vectors:
+        torch._foreach_copy_(vectors_out, torch._foreach_abs(vectors))
+    return out.square_()
 
 
 def atom_sum(lay: TensorLayout, x: Tensor) -> Tensor:
@@ -196,10 +222,7 @@ def soft_threshold_(tensors: Sequence[TensorLayout], thresholds: Tensor) -> None
         p.copy_(shrunk.mul_(p.sign()))
 
 
-def hierarchical_prox_(
-    plan: ProxPlan,
-    component_eta: Tensor,
-) -> None:
+def hierarchical_prox_(plan: ProxPlan, component_eta: Tensor) -> None:
     """Apply the prox of the plan's penalties in place, with step size ``component_eta[c]`` on
     component ``c`` (``component_eta`` has one extra trailing entry for unpenalised atoms).
 
@@ -220,7 +243,7 @@ def hierarchical_prox_(
 
     l1 = [(i, pen.l1_part) for i, pen in active if pen.l1_part > 0]
     if l1:
-        eta_atom = eta[dev.atom_component]
+        eta_atom = eta.index_select(0, dev.atom_component)
         tau = torch.zeros(eta_atom.shape, dtype=acc, device=device)
         for i, coef in l1:
             tau += torch.where(dev.in_level[i], eta_atom * coef, 0.0)
@@ -229,25 +252,23 @@ def hierarchical_prox_(
     grouped = [(i, pen) for i, pen in active if pen.has_group_part]
     if not grouped:
         return
-    atom_sq = atom_sq_norms(plan.tensors, acc)
-    scale = torch.ones_like(atom_sq)
+    atom_sq = atom_sq_norms(plan.tensors, acc, out=dev.atom_sq)
+    scale = dev.scale.fill_(1.0)
     one = torch.ones(1, dtype=acc, device=device)
-    for i, pen in sorted(grouped, key=lambda item: item[1].order == "last"):
+    for k, (i, pen) in enumerate(sorted(grouped, key=lambda item: item[1].order == "last")):
         lp = plan.levels[i]
         owner = dev.atom_group[i]
         sq = torch.zeros(lp.num_groups + 1, dtype=acc, device=device)
-        sq.index_add_(0, owner, atom_sq * scale.square())
-        eta_group = eta[dev.group_component[i]]
+        # Current atom norms are the read ones times the scales so far (all 1 at the first level).
+        sq.scatter_add_(0, owner, atom_sq if k == 0 else atom_sq * scale.square())
+        eta_group = eta.index_select(0, dev.group_component[i])
         group_scale = pen.group_scale(sq[:-1], eta_group, dev.weights[i])
-        scale.mul_(torch.cat([group_scale, one])[owner])
+        scale.mul_(torch.cat([group_scale, one]).index_select(0, owner))
 
     params = [lay.param.detach() for lay in plan.tensors]
-    scales = [
-        scale[lay.offset : lay.offset + lay.num_atoms].view(lay.atom_shape) for lay in plan.tensors
-    ]
     if all(p.dtype == acc for p in params):
-        torch._foreach_mul_(params, scales)
+        torch._foreach_mul_(params, dev.scale_views)
     else:
         # Mixed precisions: the product is formed in the scales' precision and rounded once.
-        for p, s in zip(params, scales):
+        for p, s in zip(params, dev.scale_views):
             p.mul_(s)

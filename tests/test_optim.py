@@ -368,3 +368,45 @@ def test_penalty_value_and_named_params():
         [t.detach().reshape(-1).double() for t in (lin.weight, lin.bias, bn.weight, bn.bias)]
     )
     assert opt.penalty_value() == pytest.approx(0.5 * flat.numel() ** 0.5 * flat.norm().item())
+
+
+def test_compiled_prox_sgd_matches_eager():
+    batches = _batches(4)
+    pens = {"base_level": gp.GroupLasso(0.2), "layer": gp.GroupLasso(0.02)}
+    eager_model, compiled_model = _model(), _model()
+    kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    eager = gp.ProxSGD(
+        eager_model.parameters(), **kw, hierarchy=_hierarchy(eager_model), penalties=pens
+    )
+    compiled = gp.ProxSGD(
+        compiled_model.parameters(),
+        **kw,
+        hierarchy=_hierarchy(compiled_model),
+        penalties=pens,
+        compiled=True,
+    )
+    _train(eager_model, eager, batches)
+    _train(compiled_model, compiled, batches)
+    assert len(compiled._compiled_update._compiled) == 1  # the compiled path ran
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert torch.equal(p == 0, q == 0)
+
+
+@pytest.mark.parametrize("cls", [gp.ProxSGD, gp.ProxAdam])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_training_in_other_precisions(cls, dtype):
+    model = _model(dtype=dtype)
+    opt = cls(
+        model.parameters(),
+        lr=0.1,
+        hierarchy=_hierarchy(model),
+        penalties={"base_level": gp.GroupLasso(2.0)},
+    )
+    _train(model, opt, _batches(5, dtype))
+    assert all(p.dtype == dtype for p in model.parameters())
+    report = opt.get_sparsity_report()
+    assert report.levels["base_level"].zero_groups > 0
+    lin = model[0]
+    zero_rows = (lin.weight == 0).all(dim=1)
+    assert zero_rows.sum() == report.levels["base_level"].zero_groups
