@@ -47,6 +47,17 @@ def _train(model, opt, batches, sched=None):
             sched.step()
 
 
+def _assert_same_steps(ref_model, ref_opt, model, opt, steps: int = 5):
+    """Both optimizers give bit-identical parameters after every step."""
+    for x, y in _batches(steps):
+        for m, o in ((ref_model, ref_opt), (model, opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+        for p, q in zip(ref_model.parameters(), model.parameters()):
+            assert torch.equal(p, q)
+
+
 SGD_OPTIONS = [
     dict(momentum=m, dampening=d, nesterov=n, weight_decay=wd, maximize=mx, foreach=fe)
     for m, d, n, wd, mx, fe in itertools.product(
@@ -69,13 +80,7 @@ def test_zero_lambda_equals_torch_sgd(options):
         hierarchy=_hierarchy(model),
         penalties={"base_level": gp.GroupLasso(0.0), "layer": gp.GroupLasso(0.0)},
     )
-    for x, y in _batches(5):
-        for m, o in ((ref_model, ref_opt), (model, opt)):
-            o.zero_grad()
-            nn.functional.cross_entropy(m(x), y).backward()
-            o.step()
-        for p, q in zip(ref_model.parameters(), model.parameters()):
-            assert torch.equal(p, q)
+    _assert_same_steps(ref_model, ref_opt, model, opt)
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
@@ -92,13 +97,7 @@ def test_zero_lambda_equals_torch_adamw(amsgrad, foreach, metric):
         prox_metric=metric,
         penalties={"base_level": gp.GroupLasso(0.0)},
     )
-    for x, y in _batches(5):
-        for m, o in ((ref_model, ref_opt), (model, opt)):
-            o.zero_grad()
-            nn.functional.cross_entropy(m(x), y).backward()
-            o.step()
-        for p, q in zip(ref_model.parameters(), model.parameters()):
-            assert torch.equal(p, q)
+    _assert_same_steps(ref_model, ref_opt, model, opt)
 
 
 def test_step_is_torch_update_then_prox():

@@ -163,6 +163,22 @@ class ProxMixin:
         hierarchical_prox_(plan, self._component_eta(plan))
 
     # ------------------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state, plus this package's entry: each penalty's λ (and l1_ratio)
+        and a description of the hierarchy, checked when loading."""
+        state = super().state_dict()  # type: ignore[misc]
+        state[_STATE_KEY] = self._prox_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; a checkpoint of another hierarchy is refused before anything
+        is loaded."""
+        torch_state = dict(state_dict)
+        prox_state = torch_state.pop(_STATE_KEY, None)
+        self._check_prox_state(prox_state)
+        super().load_state_dict(torch_state)  # type: ignore[misc]
+        self._apply_prox_state(prox_state)
+
     def _prox_state(self) -> dict[str, Any]:
         return {
             "penalties": {lv: pen.state_dict() for lv, pen in self._penalties.items()},
@@ -199,14 +215,3 @@ def _describe(sig: Any) -> str:
         return "none"
     levels = ", ".join(f"{lv}: {n} groups" for lv, n in zip(sig["levels"], sig["groups"]))
     return f"{levels}; {len(sig['shapes'])} tensors"
-
-
-def split_state_dict(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Separate this package's entry from a torch optimizer state dict."""
-    state_dict = dict(state_dict)
-    return state_dict, state_dict.pop(_STATE_KEY, None)
-
-
-def with_prox_state(state_dict: dict[str, Any], prox_state: dict[str, Any]) -> dict[str, Any]:
-    state_dict[_STATE_KEY] = prox_state
-    return state_dict

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..hierarchy.core import Hierarchy
 from ..kernels import ProxPlan, atom_sum
 from ..penalties import Penalty
-from ._prox import ProxMixin, split_state_dict, unhooked_step, with_prox_state
+from ._prox import ProxMixin, unhooked_step
 
 __all__ = ["ProxAdam"]
 
@@ -126,15 +126,10 @@ class ProxAdam(ProxMixin, torch.optim.AdamW):
         mean = torch.where(comp_cnt > 0, comp_sum / comp_cnt, torch.ones_like(comp_sum))
         return eta.to(device, acc) / mean
 
-    def state_dict(self) -> dict[str, Any]:
-        state = self._prox_state()
-        state["prox_metric"] = self.prox_metric
-        return with_prox_state(super().state_dict(), state)
+    def _prox_state(self) -> dict[str, Any]:
+        return {**super()._prox_state(), "prox_metric": self.prox_metric}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        torch_state, prox_state = split_state_dict(state_dict)
-        self._check_prox_state(prox_state)
-        super().load_state_dict(torch_state)
-        self._apply_prox_state(prox_state)
-        if prox_state is not None:
-            self.prox_metric = prox_state.get("prox_metric", self.prox_metric)
+    def _apply_prox_state(self, state: dict[str, Any] | None) -> None:
+        super()._apply_prox_state(state)
+        if state is not None:
+            self.prox_metric = state.get("prox_metric", self.prox_metric)

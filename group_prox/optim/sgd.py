@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..hierarchy.core import Hierarchy
 from ..penalties import Penalty
-from ._prox import ProxMixin, split_state_dict, unhooked_step, with_prox_state
+from ._prox import ProxMixin, unhooked_step
 from .fused_sgd import CompiledSGDUpdate
 
 __all__ = ["ProxSGD"]
@@ -109,12 +109,3 @@ class ProxSGD(ProxMixin, torch.optim.SGD):
                 _sgd_step(self, None)
         self._prox_step()
         return loss
-
-    def state_dict(self) -> dict[str, Any]:
-        return with_prox_state(super().state_dict(), self._prox_state())
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        torch_state, prox_state = split_state_dict(state_dict)
-        self._check_prox_state(prox_state)
-        super().load_state_dict(torch_state)
-        self._apply_prox_state(prox_state)
