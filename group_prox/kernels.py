@@ -84,15 +84,17 @@ class ProxPlan:
         comp_pg = np.zeros(num_components + 1, dtype=np.int64)
         in_comp = component < num_components
         comp_pg[component[in_comp]] = atom_pg[in_comp]
-        mismatch = in_comp & (comp_pg[component] != atom_pg)
-        linked: set[frozenset[int]] = set()
-        for a in np.flatnonzero(mismatch):
-            linked.add(frozenset((int(comp_pg[component[a]]), int(atom_pg[a]))))
-        self.linked_param_groups: list[frozenset[int]] = sorted(linked, key=sorted)
-        self._first_linked_atom = {
-            frozenset((int(comp_pg[component[a]]), int(atom_pg[a]))): int(a)
-            for a in np.flatnonzero(mismatch)[::-1]
-        }
+        mismatch = np.flatnonzero(in_comp & (comp_pg[component] != atom_pg))
+        pairs, first = np.unique(
+            np.stack([comp_pg[component[mismatch]], atom_pg[mismatch]], axis=1),
+            axis=0,
+            return_index=True,
+        )
+        # Param groups a tree spans, with one atom of such a tree to name in errors.
+        self._first_linked_atom: dict[frozenset[int], int] = {}
+        for (pg_a, pg_b), k in zip(pairs.tolist(), first.tolist()):
+            self._first_linked_atom.setdefault(frozenset((pg_a, pg_b)), int(mismatch[k]))
+        self.linked_param_groups: list[frozenset[int]] = sorted(self._first_linked_atom, key=sorted)
 
         self.levels: list[_LevelPlan] = []
         for level, penalty in self.penalties:
