@@ -38,8 +38,7 @@ class _LevelPlan:
     atom_group: Tensor  # long[num_atoms], num_groups where an atom is in no group of this level
     in_level: Tensor  # bool[num_atoms]
     group_component: Tensor  # long[num_groups]
-    group_sizes: list[int]
-    weights: Tensor | None = None  # per group, filled for the penalty the plan is built for
+    weights: Tensor  # float64[num_groups], the penalty's w_g
 
 
 class ProxPlan:
@@ -109,13 +108,11 @@ class ProxPlan:
                 atom_group=torch.from_numpy(np.where(owner >= 0, owner, g)),
                 in_level=torch.from_numpy(owner >= 0),
                 group_component=torch.from_numpy(group_comp),
-                group_sizes=sizes,
                 weights=torch.tensor(penalty.weights(sizes), dtype=torch.float64),
             )
             self.levels.append(lp)
         self.atom_component = torch.from_numpy(component)
         self.component_param_group = torch.from_numpy(comp_pg)
-        self.atom_numel = torch.from_numpy(hierarchy.atom_numel.astype(np.float64))
         self.acc_dtype = (
             torch.float64
             if any(lay.param.dtype == torch.float64 for lay in self.tensors)
@@ -130,8 +127,6 @@ class ProxPlan:
         group_component: list[Tensor]
         weights: list[Tensor]
         atom_component: Tensor
-        component_param_group: Tensor
-        atom_numel: Tensor
         # Buffers reused at every step, with their per-tensor views made once: building 100+
         # views per step costs more than the arithmetic on the atom vectors.
         atom_sq: Tensor
@@ -152,8 +147,6 @@ class ProxPlan:
                 group_component=[lv.group_component.to(device) for lv in self.levels],
                 weights=[lv.weights.to(device, acc) for lv in self.levels],
                 atom_component=self.atom_component.to(device),
-                component_param_group=self.component_param_group.to(device),
-                atom_numel=self.atom_numel.to(device, acc),
                 atom_sq=atom_sq,
                 scale=scale,
                 scale_views=[
