@@ -369,6 +369,30 @@ def test_penalty_value_and_named_params():
     assert opt.penalty_value() == pytest.approx(0.5 * flat.numel() ** 0.5 * flat.norm().item())
 
 
+def test_compiled_prox_sgd_follows_momentum_schedule():
+    """OneCycleLR cycles lr and momentum every step: the compiled update must follow both."""
+    batches = _batches(6)
+    pens = {"base_level": gp.GroupLasso(0.2)}
+    models = [_model(), _model()]
+    opts, scheds = [], []
+    for model, compiled in zip(models, (False, True)):
+        opt = gp.ProxSGD(
+            model.parameters(),
+            lr=0.1,
+            momentum=0.9,
+            hierarchy=_hierarchy(model),
+            penalties=pens,
+            compiled=compiled,
+        )
+        opts.append(opt)
+        scheds.append(torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10))
+    for model, opt, sched in zip(models, opts, scheds):
+        _train(model, opt, batches, sched)
+    assert opts[1].param_groups[0]["momentum"] != 0.9
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_prox_sgd_matches_eager():
     batches = _batches(4)
     pens = {"base_level": gp.GroupLasso(0.2), "layer": gp.GroupLasso(0.02)}

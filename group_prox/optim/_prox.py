@@ -152,13 +152,10 @@ class ProxMixin:
         eta[-1] = 0.0
         return eta
 
-    def _prox_active(self) -> bool:
-        return self._plan is not None and any(pen.lam > 0 for pen in self._penalties.values())
-
     @torch.no_grad()
     def _prox_step(self) -> None:
         plan = self._plan
-        if plan is None or not self._prox_active():
+        if plan is None or not any(pen.lam > 0 for pen in self._penalties.values()):
             return
         hierarchical_prox_(plan, self._component_eta(plan))
 

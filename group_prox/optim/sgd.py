@@ -11,7 +11,7 @@ from torch import Tensor
 from ..hierarchy.core import Hierarchy
 from ..penalties import Penalty
 from ._prox import ProxMixin, unhooked_step
-from .fused_sgd import CompiledSGDUpdate
+from .compiled_sgd import CompiledSGDUpdate
 
 __all__ = ["ProxSGD"]
 
@@ -86,7 +86,6 @@ class ProxSGD(ProxMixin, torch.optim.SGD):
             fused=fused,
         )
         self._init_prox(hierarchy, penalties)
-        self.compiled = bool(compiled)
         self._compiled_update = CompiledSGDUpdate() if compiled else None
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

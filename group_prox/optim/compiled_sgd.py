@@ -20,22 +20,41 @@ __all__ = ["CompiledSGDUpdate"]
 
 
 def _make_update(
-    *, momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool
+    *, momentum: bool, weight_decay: bool, nesterov: bool, maximize: bool
 ) -> Callable[..., None]:
-    """The update of torch.optim.SGD once its momentum buffers exist."""
+    """The update of torch.optim.SGD once its momentum buffers exist.
 
-    def update(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], lr: Tensor) -> None:
+    Only what changes the graph is fixed here; the coefficients arrive as 0-dim tensors, so that
+    schedulers (OneCycleLR cycles the momentum) change them without a recompilation.
+    """
+
+    def update(
+        params: list[Tensor],
+        grads: list[Tensor],
+        bufs: list[Tensor],
+        coefs: Tensor,  # lr, momentum, dampening, weight_decay
+    ) -> None:
+        lr, mom, damp, wd = coefs[0], coefs[1], coefs[2], coefs[3]
         for i, (p, g) in enumerate(zip(params, grads)):
             d = -g if maximize else g
-            if weight_decay != 0:
-                d = d + weight_decay * p
-            if momentum != 0:
-                b = bufs[i] * momentum + (1 - dampening) * d
+            if weight_decay:
+                d = d + wd * p
+            if momentum:
+                b = bufs[i] * mom + (1 - damp) * d
                 bufs[i].copy_(b)
-                d = d + momentum * b if nesterov else b
+                d = d + mom * b if nesterov else b
             p.copy_(p - lr * d)
 
     return update
+
+
+def _flags(group: dict[str, Any]) -> tuple[bool, bool, bool, bool]:
+    return (
+        group["momentum"] != 0,
+        float(group["weight_decay"]) != 0,
+        bool(group["nesterov"]),
+        bool(group["maximize"]),
+    )
 
 
 class CompiledSGDUpdate:
@@ -47,20 +66,18 @@ class CompiledSGDUpdate:
     """
 
     def __init__(self) -> None:
-        self._compiled: dict[int, Callable[..., None]] = {}
+        self._compiled: dict[tuple[int, tuple[bool, ...]], Callable[..., None]] = {}
 
     def _fn(self, index: int, group: dict[str, Any]) -> Callable[..., None]:
-        fn = self._compiled.get(index)
+        flags = _flags(group)
+        fn = self._compiled.get((index, flags))
         if fn is None:
+            momentum, weight_decay, nesterov, maximize = flags
             update = _make_update(
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                weight_decay=float(group["weight_decay"]),
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
+                momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
             )
             fn = torch.compile(update, fullgraph=True, dynamic=False)
-            self._compiled[index] = fn
+            self._compiled[(index, flags)] = fn
         return fn
 
     @staticmethod
@@ -84,5 +101,8 @@ class CompiledSGDUpdate:
             bufs = (
                 [state[p]["momentum_buffer"] for p in group["params"]] if group["momentum"] else []
             )
-            lr = torch.as_tensor(group["lr"], dtype=torch.float64).detach()
-            self._fn(index, group)(params, grads, bufs, lr)
+            coefs = torch.tensor(
+                [float(group[k]) for k in ("lr", "momentum", "dampening", "weight_decay")],
+                dtype=torch.float64,
+            )
+            self._fn(index, group)(params, grads, bufs, coefs)
