@@ -4,7 +4,7 @@ One proximal step on the parameters of a :class:`~group_prox.Hierarchy`:
 
 1. elementwise soft-thresholding by the L1 parts of all penalties (one pass, only if any is active);
 2. one read of every tensor for its *atom* squared norms (``vector_norm`` over all dims but the
-   sliced one);
+   ones its members select along);
 3. on the tiny vector of atom norms, level by level from the finest to the coarsest, the group
    norms are the segment sums of ``atom_norm² · scale²`` (the current values, without re-reading the
    tensors), the penalty turns them into group scales, and the atom scales are multiplied by them;
@@ -180,14 +180,16 @@ def atom_sq_norms(
     for lay in tensors:
         p = lay.param.detach()
         view = out[lay.offset : lay.offset + lay.num_atoms]
-        if lay.dim is None:
+        if not lay.dims:
             whole.append(p)
             whole_out.append(view)
-        elif p.dim() == 1:
+        elif not lay.reduce_dims:
             vectors.append(p)
-            vectors_out.append(view)
+            vectors_out.append(view.view(p.shape))
         else:
-            torch.linalg.vector_norm(p, 2, dim=lay.reduce_dims, dtype=acc_dtype, out=view)
+            torch.linalg.vector_norm(
+                p, 2, dim=lay.reduce_dims, dtype=acc_dtype, out=view.view(lay.grid)
+            )
     if whole:
         norms = torch._foreach_norm(whole, 2, dtype=acc_dtype)
         torch._foreach_copy_(whole_out, [n.reshape(1) for n in norms])
@@ -198,11 +200,11 @@ def atom_sq_norms(
 
 def atom_sum(lay: TensorLayout, x: Tensor) -> Tensor:
     """Sum of ``x`` (shaped like ``lay.param``) over each atom of ``lay``: shape ``(num_atoms,)``."""
-    if lay.dim is None:
+    if not lay.dims:
         return x.sum().reshape(1)
-    if x.dim() == 1:
-        return x
-    return x.sum(dim=lay.reduce_dims)
+    if not lay.reduce_dims:
+        return x.reshape(-1)
+    return x.sum(dim=lay.reduce_dims).reshape(-1)
 
 
 def soft_threshold_(tensors: Sequence[TensorLayout], thresholds: Tensor) -> None:

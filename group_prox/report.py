@@ -36,12 +36,16 @@ class LevelSparsity:
 
 @dataclass
 class TensorSparsity:
-    """One tensor of the hierarchy: its units (filters, rows, columns or the whole tensor)."""
+    """One tensor of the hierarchy: its units (filters, rows, columns or the whole tensor).
+
+    ``dims`` are the dimensions the units are cut along (empty: the whole tensor is one unit);
+    ``zero_mask`` lists the units in row-major order over ``dims``.
+    """
 
     name: str
     module: str
     shape: list[int]
-    dim: int | None
+    dims: list[int]
     units: int
     zero_units: int
     numel: int
@@ -111,7 +115,7 @@ class SparsityReport:
             groups = f"{lv.zero_groups}/{lv.groups} ({100 * lv.group_fraction:.1f}%)"
             params = f"{lv.zero_params:,}/{lv.params:,} ({pct:.1f}%)"
             out.append(f"{_fit(name, 14)}{groups:>24}{params:>34}")
-        strips = [t for t in self.tensors if t.dim is not None and len(t.shape) >= 2]
+        strips = [t for t in self.tensors if t.dims and len(t.shape) >= 2]
         if strips:
             out.append(f"filters ({ALIVE} active, {ZERO} zero, {MIXED} some zero):")
             label = min(30, max(len(t.module) for t in strips))
@@ -170,12 +174,12 @@ def build_report(hierarchy: Hierarchy, all_params: Iterable[Tensor]) -> Sparsity
     atom_zero_parts, tensors = [], []
     for lay in hierarchy.tensors:
         p = lay.param.detach()
-        if lay.dim is None:
+        if not lay.dims:
             mask = (p == 0).all().reshape(1)
-        elif p.dim() == 1:
-            mask = p == 0
+        elif not lay.reduce_dims:
+            mask = (p == 0).reshape(-1)
         else:
-            mask = p.abs().amax(dim=lay.reduce_dims) == 0
+            mask = (p.abs().amax(dim=lay.reduce_dims) == 0).reshape(-1)
         mask_np = mask.cpu().numpy().astype(bool)
         atom_zero_parts.append(mask_np)
         tensors.append(
@@ -183,7 +187,7 @@ def build_report(hierarchy: Hierarchy, all_params: Iterable[Tensor]) -> Sparsity
                 name=lay.name,
                 module=lay.module_name,
                 shape=list(p.shape),
-                dim=lay.dim,
+                dims=list(lay.dims),
                 units=lay.num_atoms,
                 zero_units=int(mask_np.sum()),
                 numel=p.numel(),

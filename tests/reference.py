@@ -23,14 +23,17 @@ class RefPenalty:
 
 
 def member_indices(shapes, offsets, member) -> np.ndarray:
-    """Flat indices of a member ``(tensor_index, dim, index)`` (``dim`` None: whole tensor)."""
+    """Flat indices of a member ``(tensor_index, dim, index)`` (``dim`` None: whole tensor; a
+    tuple of dims with a tuple of indices selects along each)."""
     t, dim, index = member
     ids = np.arange(int(np.prod(shapes[t]))).reshape(shapes[t]) + offsets[t]
     if dim is None:
         return ids.ravel()
-    if isinstance(index, slice):
-        return np.take(ids, np.arange(shapes[t][dim])[index], axis=dim).ravel()
-    return np.take(ids, index, axis=dim).ravel()
+    dims, indices = (dim, index) if isinstance(dim, tuple) else ((dim,), (index,))
+    key = [slice(None)] * len(shapes[t])
+    for d, i in zip(dims, indices):
+        key[d] = i
+    return ids[tuple(key)].ravel()
 
 
 def group_index_sets(shapes, levels) -> tuple[list[list[np.ndarray]], int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +19,8 @@ KINDS = ("lasso", "l1", "sgl", "decay", "l0")
 @dataclass
 class RandomTree:
     shapes: list[tuple[int, ...]]
-    cut: list[int | None]
-    # levels, finest first: groups of members (tensor index, dim or None, int index or slice)
+    cut: list[tuple[int, ...] | None]
+    # levels, finest first: groups of members (tensor index, dim(s) or None, index(es))
     levels: list[list[list[tuple]]]
 
 
@@ -29,13 +31,17 @@ def random_trees(draw, max_tensors: int = 4, max_levels: int = 3) -> RandomTree:
     for _ in range(n):
         shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
         shapes.append(shape)
-        cut.append(draw(st.one_of(st.none(), st.integers(0, len(shape) - 1))))
-    atoms = [
-        (t, None) if cut[t] is None else (t, i)
-        for t in range(n)
-        for i in range(shapes[t][cut[t]] if cut[t] is not None else 1)
-    ]
-    atoms = list(dict.fromkeys(atoms))
+        # A tensor is whole, or cut along one or two dimensions (rows; or expert x hidden unit).
+        dims = draw(
+            st.one_of(st.none(), st.sets(st.integers(0, len(shape) - 1), min_size=1, max_size=2))
+        )
+        cut.append(None if dims is None else tuple(sorted(dims)))
+    atoms = []
+    for t in range(n):
+        if cut[t] is None:
+            atoms.append((t, None))
+        else:
+            atoms += [(t, i) for i in itertools.product(*(range(shapes[t][d]) for d in cut[t]))]
 
     num_levels = draw(st.integers(1, max_levels))
     levels_atoms: list[list[list[tuple]]] = []
@@ -72,23 +78,37 @@ def random_trees(draw, max_tensors: int = 4, max_levels: int = 3) -> RandomTree:
 
 
 def _members(group_atoms, shapes, cut, draw) -> list[tuple]:
-    by_tensor: dict[int, list[int | None]] = {}
+    by_tensor: dict[int, list] = {}
     for t, i in group_atoms:
         by_tensor.setdefault(t, []).append(i)
     members = []
     for t, idxs in by_tensor.items():
-        d = cut[t]
-        if d is None:
+        dims = cut[t]
+        if dims is None:
             members.append((t, None, None))
             continue
+        grid = [shapes[t][d] for d in dims]
         idxs = sorted(idxs)
-        if len(idxs) == shapes[t][d] and draw(st.booleans()):
+        if len(idxs) == math.prod(grid) and draw(st.booleans()):
             members.append((t, None, None))
-        elif idxs == list(range(idxs[0], idxs[-1] + 1)) and draw(st.booleans()):
-            members.append((t, d, slice(idxs[0], idxs[-1] + 1)))
+        elif len(dims) == 1:
+            d, flat = dims[0], [i for (i,) in idxs]
+            if flat == list(range(flat[0], flat[-1] + 1)) and draw(st.booleans()):
+                members.append((t, d, slice(flat[0], flat[-1] + 1)))
+            else:
+                neg = draw(st.booleans())
+                members += [(t, d, i - grid[0] if neg else i) for i in flat]
         else:
-            neg = draw(st.booleans())
-            members += [(t, d, i - shapes[t][d] if neg else i) for i in idxs]
+            # Whole rows along the first dim as one single-dim member, the rest cell by cell.
+            rows: dict[int, list[int]] = {}
+            for i, j in idxs:
+                rows.setdefault(i, []).append(j)
+            for i, js in rows.items():
+                if len(js) == grid[1] and draw(st.booleans()):
+                    members.append((t, dims[0], i))
+                else:
+                    neg = draw(st.booleans())
+                    members += [(t, dims, (i - grid[0] if neg else i, j)) for j in js]
     return members
 
 

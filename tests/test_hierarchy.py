@@ -59,7 +59,7 @@ def test_group_names_sizes_and_views():
 def test_negative_dim_and_index_are_normalised():
     w, _, _ = _params()
     h = gp.Hierarchy({"cols": [[(w, -1, -1)], [(w, 1, 0)]]})
-    assert h.tensors[0].dim == 1 and h.group_sizes("cols") == [4, 4]
+    assert h.tensors[0].dims == (1,) and h.group_sizes("cols") == [4, 4]
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_negative_dim_and_index_are_normalised():
         (
             lambda w, b, u: {"a": [[(w, 0, 0)]], "b": [[(w, 1, 0)]]},
             ValueError,
-            "sliced along dim 1",
+            "'a\\[0\\]' of level 'a' overlaps 'b\\[0\\]' of level 'b' without being contained",
         ),
         (
             lambda w, b, u: {
@@ -116,6 +116,9 @@ def test_negative_dim_and_index_are_normalised():
             ValueError,
             "overlaps 'c', 'd'",
         ),
+        (lambda w, b, u: {"a": [[(w, (0, 1), 0)]]}, TypeError, "index must be a tuple of as many"),
+        (lambda w, b, u: {"a": [[(w, (0, -2), (0, 1))]]}, ValueError, r"dim 0 is given twice"),
+        (lambda w, b, u: {"a": [[(w, (0, 1), (0, 3))]]}, ValueError, "index 3 is out of range"),
         (lambda w, b, u: {"": [[w]]}, TypeError, "non-empty strings"),
         (lambda w, b, u: {"a": 3}, TypeError, "expected a list of groups"),
     ],
@@ -124,6 +127,20 @@ def test_validation_errors(levels, error, match):
     w, b, u = _params()
     with pytest.raises(error, match=match):
         gp.Hierarchy(levels(w, b, u))
+
+
+def test_members_along_several_dims():
+    # A fused expert weight [experts, d_in, hidden]: units (e, :, j) nested in experts (e).
+    w = nn.Parameter(torch.randn(3, 4, 5))
+    units = {f"e{e}[{j}]": [(w, (0, -1), (e, j))] for e in range(3) for j in range(5)}
+    experts = {f"e{e}": [(w, 0, e)] for e in range(3)}
+    h = gp.Hierarchy({"unit": units, "expert": experts})
+    assert h.tensors[0].dims == (0, 2) and h.num_atoms == 15
+    assert h.group_sizes("unit") == [4] * 15 and h.group_sizes("expert") == [20] * 3
+    assert torch.equal(h.groups("unit")[7][0].squeeze(), w.detach()[1, :, 2])
+    assert list(h.atom_group("expert")) == [e for e in range(3) for _ in range(5)]
+    with pytest.raises(ValueError, match="overlaps"):
+        gp.Hierarchy({"unit": units, "d_in": [[(w, 1, i)] for i in range(4)]})
 
 
 def test_names_type_is_checked():

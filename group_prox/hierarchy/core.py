@@ -1,15 +1,18 @@
 """The hierarchy: named levels of parameter groups, validated as a tree.
 
-A *member* is a whole parameter or a slice of one along a single dimension. Internally every
-parameter is cut into *atoms*: the whole tensor when it only appears whole, otherwise its
-sub-tensors along the one dimension its members slice. Every group is then a set of atoms, and
-everything the optimizer needs at each step is an integer array over atoms, built once here.
+A *member* is a whole parameter or a part of one selected along one or more dimensions. Internally
+every parameter is cut into *atoms*: the whole tensor when it only appears whole, otherwise the
+cells of the grid spanned by all the dimensions its members select along (rows of a weight; or,
+for a fused expert weight ``[experts, d_in, hidden]`` sliced by expert and by hidden unit, the
+``(expert, unit)`` fibres). Every group is then a set of atoms, and everything the optimizer needs
+at each step is an integer array over atoms, built once here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,7 +20,8 @@ from torch import Tensor, nn
 
 __all__ = ["Hierarchy", "Member", "TensorLayout"]
 
-Member = Tensor | tuple[Tensor, int, int | slice]
+Index = int | slice
+Member = Tensor | tuple[Tensor, int, Index] | tuple[Tensor, tuple[int, ...], tuple[Index, ...]]
 GroupSpec = Sequence[Member]
 LevelSpec = Sequence[GroupSpec] | Mapping[str, GroupSpec]
 
@@ -26,13 +30,14 @@ LevelSpec = Sequence[GroupSpec] | Mapping[str, GroupSpec]
 class TensorLayout:
     """How one parameter is cut into atoms.
 
-    ``dim`` is the dimension its members slice (``None``: the whole tensor is one atom);
-    atoms of this tensor occupy ``[offset, offset + num_atoms)`` in the hierarchy's atom order.
+    ``dims`` are the dimensions its members select along, increasing (empty: the whole tensor is
+    one atom). The atoms are the cells of the grid over ``dims``, in row-major order, and occupy
+    ``[offset, offset + num_atoms)`` in the hierarchy's atom order.
     """
 
     param: Tensor
     name: str
-    dim: int | None
+    dims: tuple[int, ...]
     num_atoms: int
     offset: int
 
@@ -41,29 +46,29 @@ class TensorLayout:
         return self.param.numel() // self.num_atoms
 
     @property
+    def grid(self) -> tuple[int, ...]:
+        """Number of atoms along each of ``dims``."""
+        return tuple(self.param.shape[d] for d in self.dims)
+
+    @property
     def reduce_dims(self) -> tuple[int, ...]:
         """The dimensions to reduce over to get one value per atom."""
-        return tuple(d for d in range(self.param.dim()) if d != self.dim)
+        return tuple(d for d in range(self.param.dim()) if d not in self.dims)
 
     @property
     def atom_shape(self) -> tuple[int, ...]:
-        """A shape that broadcasts one value per atom against the parameter."""
-        if self.dim is None:
-            return (1,) * self.param.dim()
-        shape = [1] * self.param.dim()
-        shape[self.dim] = self.num_atoms
-        return tuple(shape)
+        """A shape that broadcasts one value per atom (in atom order) against the parameter."""
+        return tuple(n if d in self.dims else 1 for d, n in enumerate(self.param.shape))
 
     @property
     def module_name(self) -> str:
         return self.name.rpartition(".")[0] or self.name
 
 
-@dataclass(frozen=True)
-class _NormalMember:
+class _NormalMember(NamedTuple):
     tensor_index: int
-    dim: int | None
-    indices: tuple[int, ...] | None  # None: the whole tensor
+    dims: tuple[int, ...]  # increasing; empty: the whole tensor
+    indices: tuple[tuple[int, ...], ...]  # the selected indices along each of dims
 
 
 def _names_from(names: nn.Module | Mapping[str, Tensor] | None) -> dict[int, str]:
@@ -88,15 +93,16 @@ class Hierarchy:
             either a list (group ``i`` is called ``"<level>[i]"``) or a mapping
             ``group name -> members``. A member is a parameter (the whole tensor) or a tuple
             ``(param, dim, index)`` meaning ``param.select(dim, index)`` for an ``int`` index, or
-            the sub-tensor ``index`` along ``dim`` for a ``slice``. A group may span several
-            tensors (a conv filter with its BatchNorm scale and shift).
+            the sub-tensor ``index`` along ``dim`` for a ``slice``. To select along several
+            dimensions at once give tuples: ``(w, (0, 2), (e, j))`` is ``w[e, :, j]`` (hidden
+            unit ``j`` of expert ``e`` in a fused ``[experts, d_in, hidden]`` weight). A group may
+            span several tensors (a conv filter with its BatchNorm scale and shift).
         names: an ``nn.Module`` or a mapping ``name -> parameter``, used to name parameters in
             messages and reports.
 
     Validation (a ``ValueError`` naming the level, group and member):
 
     * members are floating-point leaf tensors, with ``dim`` and ``index`` in range and not empty;
-    * all members that slice one tensor slice it along the same dimension;
     * groups of one level are disjoint, and no group lists a scalar twice;
     * any two groups of different levels are disjoint or nested, the smaller one in the finer
       level (so the groups form a forest: each group lies in at most one group of each coarser
@@ -123,9 +129,10 @@ class Hierarchy:
 
         tensors: list[Tensor] = []
         index_of: dict[int, int] = {}
+        shapes: list[tuple[int, ...]] = []
         level_groups: dict[str, list[tuple[str, list[_NormalMember]]]] = {}
-        # Every sliced member fixes the dimension its tensor is cut along; remember who fixed it.
-        cut_dim: dict[int, tuple[int, str]] = {}
+        # The union of the dimensions members select along cuts each tensor into its atoms.
+        cut_dims: dict[int, set[int]] = {}
 
         for level, spec in levels.items():
             named = self._named_groups(level, spec)
@@ -142,18 +149,10 @@ class Hierarchy:
                     raise ValueError(f"{where} is empty; drop it or give it members.")
                 members = []
                 for k, member in enumerate(group):
-                    m = self._normalise(member, f"{where}, member {k}", tensors, index_of, name_of)
-                    if m.dim is not None:
-                        prev = cut_dim.setdefault(m.tensor_index, (m.dim, where))
-                        if prev[0] != m.dim:
-                            pname = self._default_name(
-                                tensors[m.tensor_index], m.tensor_index, name_of
-                            )
-                            raise ValueError(
-                                f"{where}, member {k}: parameter {pname} is sliced along dim {m.dim}, "
-                                f"but {prev[1]} slices it along dim {prev[0]}. Slices of one tensor "
-                                "must use one dimension (groups along two dimensions cannot nest)."
-                            )
+                    m = self._normalise(
+                        member, f"{where}, member {k}", tensors, shapes, index_of, name_of
+                    )
+                    cut_dims.setdefault(m.tensor_index, set()).update(m.dims)
                     members.append(m)
                 normal_groups.append((gname, members))
             level_groups[level] = normal_groups
@@ -161,19 +160,20 @@ class Hierarchy:
         layouts = []
         offset = 0
         for i, t in enumerate(tensors):
-            dim = cut_dim.get(i, (None,))[0]
-            n = 1 if dim is None else t.shape[dim]
-            layouts.append(TensorLayout(t, self._default_name(t, i, name_of), dim, n, offset))
+            dims = tuple(sorted(cut_dims.get(i, ())))
+            n = int(np.prod([t.shape[d] for d in dims], dtype=np.int64))
+            layouts.append(TensorLayout(t, self._default_name(t, i, name_of), dims, n, offset))
             offset += n
         self.tensors: tuple[TensorLayout, ...] = tuple(layouts)
         self.num_atoms: int = offset
-        self._atom_numel = np.array(
-            [lay.atom_numel for lay in layouts for _ in range(lay.num_atoms)], dtype=np.int64
+        self._atom_numel = np.repeat(
+            np.array([lay.atom_numel for lay in layouts], dtype=np.int64),
+            [lay.num_atoms for lay in layouts],
         )
 
         self._atom_group: dict[str, np.ndarray] = {}
         self._group_names: dict[str, tuple[str, ...]] = {}
-        self._group_atoms: dict[str, tuple[np.ndarray, ...]] = {}
+        self._group_atoms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._group_members: dict[str, tuple[tuple[_NormalMember, ...], ...]] = {}
         for level, groups in level_groups.items():
             self._build_level(level, groups)
@@ -200,6 +200,7 @@ class Hierarchy:
         member: object,
         where: str,
         tensors: list[Tensor],
+        shapes: list[tuple[int, ...]],
         index_of: dict[int, int],
         name_of: dict[int, str],
     ) -> _NormalMember:
@@ -214,6 +215,38 @@ class Hierarchy:
                 f"{where}: a member is a parameter or a (param, dim, index) tuple, "
                 f"got {type(member).__name__}."
             )
+        ti = index_of.get(id(t))
+        if ti is None:
+            self._check_tensor(t, where, name_of)
+            ti = index_of[id(t)] = len(tensors)
+            tensors.append(t)
+            shapes.append(tuple(t.shape))
+        shape = shapes[ti]
+        label = name_of.get(id(t)) or f"tensor of shape {shape}"
+        if dim is None:
+            return _NormalMember(ti, (), ())
+        if isinstance(dim, tuple):
+            if not isinstance(index, tuple) or len(index) != len(dim) or not dim:
+                raise TypeError(
+                    f"{where}: with a tuple of dims {dim!r}, index must be a tuple of as many "
+                    f"ints or slices, got {index!r}."
+                )
+            dims, idxs = dim, index
+        else:
+            dims, idxs = (dim,), (index,)
+        if not shape:
+            raise ValueError(f"{where}: {label} is 0-dimensional; use the whole parameter.")
+        selected: dict[int, tuple[int, ...]] = {}
+        for d, index in zip(dims, idxs):
+            d = self._check_dim(d, shape, label, where)
+            if d in selected:
+                raise ValueError(f"{where}: dim {d} is given twice in {dim!r}.")
+            selected[d] = self._check_index(index, d, shape[d], label, where)
+        order = sorted(selected)
+        return _NormalMember(ti, tuple(order), tuple(selected[d] for d in order))
+
+    @staticmethod
+    def _check_tensor(t: Tensor, where: str, name_of: dict[int, str]) -> None:
         label = name_of.get(id(t), f"tensor of shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(
@@ -226,67 +259,80 @@ class Hierarchy:
             )
         if t.numel() == 0:
             raise ValueError(f"{where}: {label} has no elements.")
-        if id(t) not in index_of:
-            index_of[id(t)] = len(tensors)
-            tensors.append(t)
-        ti = index_of[id(t)]
-        if dim is None:
-            return _NormalMember(ti, None, None)
+
+    @staticmethod
+    def _check_dim(dim: object, shape: tuple[int, ...], label: str, where: str) -> int:
         if isinstance(dim, bool) or not isinstance(dim, int):
-            raise TypeError(f"{where}: dim must be an int, got {dim!r}.")
-        if t.dim() == 0:
-            raise ValueError(f"{where}: {label} is 0-dimensional; use the whole parameter.")
-        if not -t.dim() <= dim < t.dim():
-            raise ValueError(
-                f"{where}: dim {dim} is out of range for {label} of shape {tuple(t.shape)}."
-            )
-        dim %= t.dim()
-        size = t.shape[dim]
+            raise TypeError(f"{where}: dim must be an int or a tuple of ints, got {dim!r}.")
+        if not -len(shape) <= dim < len(shape):
+            raise ValueError(f"{where}: dim {dim} is out of range for {label} of shape {shape}.")
+        return dim % len(shape)
+
+    @staticmethod
+    def _check_index(index: object, dim: int, size: int, label: str, where: str) -> tuple[int, ...]:
         if isinstance(index, slice):
             indices = tuple(range(*index.indices(size)))
             if not indices:
                 raise ValueError(
                     f"{where}: slice {index} selects nothing of dim {dim} (size {size})."
                 )
-        elif isinstance(index, int) and not isinstance(index, bool):
+            return indices
+        if isinstance(index, int) and not isinstance(index, bool):
             if not -size <= index < size:
                 raise ValueError(
                     f"{where}: index {index} is out of range for dim {dim} (size {size}) of {label}."
                 )
-            indices = (index % size,)
-        else:
-            raise TypeError(f"{where}: index must be an int or a slice, got {index!r}.")
-        return _NormalMember(ti, dim, indices)
+            return (index % size,)
+        raise TypeError(f"{where}: index must be an int or a slice, got {index!r}.")
 
     def _member_atoms(self, m: _NormalMember) -> np.ndarray:
         lay = self.tensors[m.tensor_index]
-        if m.indices is None:
+        if not lay.dims:
             return np.arange(lay.offset, lay.offset + lay.num_atoms, dtype=np.int64)
-        return lay.offset + np.asarray(m.indices, dtype=np.int64)
+        if len(lay.dims) == 1 and m.dims:
+            return lay.offset + np.asarray(m.indices[0], dtype=np.int64)
+        chosen = dict(zip(m.dims, m.indices))
+        axes = [
+            np.asarray(chosen[d], dtype=np.int64) if d in chosen else np.arange(n, dtype=np.int64)
+            for d, n in zip(lay.dims, lay.grid)
+        ]
+        if len(axes) == 1:
+            return lay.offset + axes[0]
+        return lay.offset + np.ravel_multi_index(np.ix_(*axes), lay.grid).ravel()
 
     def _build_level(self, level: str, groups: list[tuple[str, list[_NormalMember]]]) -> None:
+        names = [gname for gname, _ in groups]
+        parts = [[self._member_atoms(m) for m in members] for _, members in groups]
+        sizes = np.array([sum(a.size for a in p) for p in parts], dtype=np.int64)
+        flat = np.concatenate([a for p in parts for a in p]) if parts else np.zeros(0, np.int64)
+        gid = np.repeat(np.arange(len(groups), dtype=np.int64), sizes)
+        # Sorting (group, atom) pairs puts a scalar listed twice in one group next to itself.
+        order = np.lexsort((flat, gid))
+        flat, gid = flat[order], gid[order]
+        twice = np.flatnonzero((np.diff(flat) == 0) & (np.diff(gid) == 0))
+        if twice.size:
+            raise ValueError(
+                f"level {level!r}, group {names[gid[twice[0]]]!r}: its members overlap "
+                "(a scalar is listed twice)."
+            )
+        counts = np.bincount(flat, minlength=self.num_atoms)
+        shared = np.flatnonzero(counts > 1)
+        if shared.size:
+            a, b = np.unique(gid[flat == shared[0]])[:2]
+            raise ValueError(
+                f"level {level!r}: groups {names[a]!r} and {names[b]!r} overlap; "
+                "groups of one level must be disjoint."
+            )
         owner = np.full(self.num_atoms, -1, dtype=np.int64)
-        names, atoms_of = [], []
-        for g, (gname, members) in enumerate(groups):
-            atoms = np.concatenate([self._member_atoms(m) for m in members])
-            if np.unique(atoms).size != atoms.size:
-                raise ValueError(
-                    f"level {level!r}, group {gname!r}: its members overlap (a scalar is listed twice)."
-                )
-            taken = owner[atoms]
-            if (taken >= 0).any():
-                other = names[int(taken[taken >= 0][0])]
-                raise ValueError(
-                    f"level {level!r}: groups {other!r} and {gname!r} overlap; "
-                    "groups of one level must be disjoint."
-                )
-            owner[atoms] = g
-            names.append(gname)
-            atoms_of.append(np.sort(atoms))
+        owner[flat] = gid
         self._atom_group[level] = owner
         self._group_names[level] = tuple(names)
-        self._group_atoms[level] = tuple(atoms_of)
+        self._group_atoms[level] = (flat, np.concatenate([[0], np.cumsum(sizes)]))
         self._group_members[level] = tuple(tuple(m) for _, m in groups)
+
+    def _atoms_of(self, level: str, g: int) -> np.ndarray:
+        flat, bounds = self._group_atoms[level]
+        return flat[bounds[g] : bounds[g + 1]]
 
     def _check_tree(self) -> None:
         levels = self.level_names
@@ -306,12 +352,12 @@ class Hierarchy:
                     self._raise_not_nested(fine, coarse, int(bad[0]))
 
     def _raise_not_nested(self, fine: str, coarse: str, g: int) -> None:
-        atoms = self._group_atoms[fine][g]
+        atoms = self._atoms_of(fine, g)
         parents = np.unique(self._atom_group[coarse][atoms])
         fname = self._group_names[fine][g]
         inside = [self._group_names[coarse][p] for p in parents if p >= 0]
         if parents.size == 2 and parents[0] < 0:
-            c_atoms = self._group_atoms[coarse][int(parents[1])]
+            c_atoms = self._atoms_of(coarse, int(parents[1]))
             if np.isin(c_atoms, atoms).all():
                 raise ValueError(
                     f"group {inside[0]!r} of level {coarse!r} lies inside group {fname!r} of the "
@@ -338,8 +384,9 @@ class Hierarchy:
 
     def group_sizes(self, level: str) -> list[int]:
         """Number of scalars in each group of ``level``."""
-        level = self._level(level)
-        return [int(self._atom_numel[a].sum()) for a in self._group_atoms[level]]
+        flat, bounds = self._group_atoms[self._level(level)]
+        sums = np.concatenate([[0], np.cumsum(self._atom_numel[flat])])
+        return np.diff(sums[bounds]).tolist()
 
     def atom_group(self, level: str) -> np.ndarray:
         """For every atom, the index of its group in ``level``, or -1."""
@@ -359,11 +406,9 @@ class Hierarchy:
             views = []
             for m in members:
                 t = self.tensors[m.tensor_index].param.detach()
-                if m.indices is None:
-                    views.append(t)
-                else:
-                    idx = torch.as_tensor(m.indices, device=t.device)
-                    views.append(t.index_select(m.dim, idx))
+                for d, indices in zip(m.dims, m.indices):
+                    t = t.index_select(d, torch.as_tensor(indices, device=t.device))
+                views.append(t)
             out.append(views)
         return out
 
