@@ -1,6 +1,7 @@
 """group_prox: structured sparsity for PyTorch by exact hierarchical proximal gradient."""
 
 from . import hierarchy, penalties
+from .config import from_config
 from .hierarchy import Hierarchy
 from .optim import ProxAdam, ProxSGD
 from .penalties import L1, GroupDecay, GroupL0, GroupLasso, Penalty, SparseGroupLasso
@@ -20,6 +21,7 @@ __all__ = [
     "SparseGroupLasso",
     "SparsityReport",
     "__version__",
+    "from_config",
     "get_sparsity_report",
     "hierarchy",
     "penalties",

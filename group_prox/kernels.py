@@ -65,11 +65,14 @@ class ProxPlan:
         param_group_of = np.asarray(param_group_of, dtype=np.int64)
         atom_pg = np.repeat(param_group_of, [lay.num_atoms for lay in self.tensors])
 
+        # A penalty restricted to some groups of its level sees the other atoms as outside it.
+        owners = {level: _penalised_owner(hierarchy, level, pen) for level, pen in self.penalties}
+
         # Component of each atom: its group in the coarsest penalised level that holds it.
         component = np.full(n, -1, dtype=np.int64)
         base = 0
         for level, _ in reversed(self.penalties):
-            owner = hierarchy.atom_group(level)
+            owner = owners[level]
             free = (owner >= 0) & (component < 0)
             component[free] = base + owner[free]
             base += hierarchy.num_groups(level)
@@ -97,7 +100,7 @@ class ProxPlan:
 
         self.levels: list[_LevelPlan] = []
         for level, penalty in self.penalties:
-            owner = hierarchy.atom_group(level)
+            owner = owners[level]
             g = hierarchy.num_groups(level)
             group_comp = np.zeros(g, dtype=np.int64)
             group_comp[owner[owner >= 0]] = component[owner >= 0]
@@ -163,6 +166,15 @@ class ProxPlan:
             if lay.offset <= atom < lay.offset + lay.num_atoms:
                 return lay.name
         return "?"  # pragma: no cover
+
+
+def _penalised_owner(hierarchy: Hierarchy, level: str, penalty: Penalty) -> np.ndarray:
+    """The level's group of every atom (-1: none), keeping only the groups ``penalty`` covers."""
+    owner = hierarchy.atom_group(level)
+    if penalty.groups is None:
+        return owner
+    covered = np.array([n in penalty.groups for n in hierarchy.group_names(level)] + [False])
+    return np.where(covered[owner], owner, -1)
 
 
 def atom_sq_norms(

@@ -24,7 +24,7 @@ Group weights ``w_g`` (``weight=``) follow the usual convention of the group las
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Literal
 
 import torch
@@ -67,6 +67,19 @@ def _check_weight(weight: object, owner: str) -> WeightSpec:
     return float(weight)
 
 
+def _check_groups(groups: object, owner: str) -> frozenset[str] | None:
+    if groups is None:
+        return None
+    if isinstance(groups, str) or not isinstance(groups, Collection):
+        raise TypeError(
+            f"{owner}: groups must be a collection of group names or None, got {groups!r}."
+        )
+    names = frozenset(groups)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{owner}: groups must hold group names (strings).")
+    return names
+
+
 def group_weight(weight: WeightSpec, size: int) -> float:
     """The weight ``w_g`` of a group of ``size`` scalars under the weight convention ``weight``."""
     if weight == "sqrt_size":
@@ -95,6 +108,9 @@ class Penalty:
     * :meth:`group_scale`: the factor each group is multiplied by, from its squared norm;
     * :meth:`value`: the penalty's value, for logging and optimality certificates.
 
+    ``groups`` (keyword, every penalty): the names of the groups of its level it applies to; the
+    other groups of that level are not penalised by it. ``None`` (default): all of them.
+
     ``order`` says when the group scale is applied inside one proximal step: ``"tree"`` penalties
     are applied level by level from the finest level to the coarsest (the exact prox of a
     tree-structured sum of norms); ``"last"`` penalties (uniform decay) after all of them.
@@ -104,10 +120,17 @@ class Penalty:
     #: ``True`` if the penalty is convex (the optimality certificate applies).
     convex: bool = True
 
-    def __init__(self, lam: float, weight: WeightSpec = "sqrt_size") -> None:
+    def __init__(
+        self,
+        lam: float,
+        weight: WeightSpec = "sqrt_size",
+        *,
+        groups: Collection[str] | None = None,
+    ) -> None:
         self._name = type(self).__name__
         self.lam = lam
         self.weight = _check_weight(weight, self._name)
+        self.groups = _check_groups(groups, self._name)
 
     # λ is read at every step, so a controller may change it during training.
     @property
@@ -149,8 +172,10 @@ class Penalty:
         return ""
 
     def __repr__(self) -> str:
-        extra = self._extra_repr()
-        return f"{self._name}(lam={self.lam:g}{', ' + extra if extra else ''})"
+        extra = [e for e in (self._extra_repr(),) if e]
+        if self.groups is not None:
+            extra.append(f"groups=<{len(self.groups)} names>")
+        return f"{self._name}(lam={self.lam:g}{''.join(', ' + e for e in extra)})"
 
 
 def _lasso_scale(sq_norms: Tensor, thresholds: Tensor) -> Tensor:
@@ -194,8 +219,8 @@ class L1(Penalty):
     The grouping of the level does not matter. Seed configuration: ``norm="sum", inner_norm="L1"``.
     """
 
-    def __init__(self, lam: float) -> None:
-        super().__init__(lam, weight=1.0)
+    def __init__(self, lam: float, *, groups: Collection[str] | None = None) -> None:
+        super().__init__(lam, weight=1.0, groups=groups)
 
     @property
     def l1_part(self) -> float:
@@ -222,13 +247,20 @@ class SparseGroupLasso(Penalty):
     soft-thresholding of the result at ``τ_g = eta·λ·(1 − α)·w_g``.
     """
 
-    def __init__(self, lam: float, l1_ratio: float = 0.5, weight: WeightSpec = "sqrt_size") -> None:
+    def __init__(
+        self,
+        lam: float,
+        l1_ratio: float = 0.5,
+        weight: WeightSpec = "sqrt_size",
+        *,
+        groups: Collection[str] | None = None,
+    ) -> None:
         if isinstance(l1_ratio, bool) or not isinstance(l1_ratio, (int, float)):
             raise TypeError(f"SparseGroupLasso: l1_ratio must be a number, got {l1_ratio!r}.")
         if not 0.0 <= float(l1_ratio) <= 1.0:
             raise ValueError(f"SparseGroupLasso: l1_ratio must be in [0, 1], got {l1_ratio!r}.")
         self.l1_ratio = float(l1_ratio)
-        super().__init__(lam, weight)
+        super().__init__(lam, weight, groups=groups)
 
     @property
     def l1_part(self) -> float:
@@ -275,8 +307,8 @@ class GroupDecay(Penalty):
 
     order = "last"
 
-    def __init__(self, lam: float) -> None:
-        super().__init__(lam, weight=1.0)
+    def __init__(self, lam: float, *, groups: Collection[str] | None = None) -> None:
+        super().__init__(lam, weight=1.0, groups=groups)
 
     def group_scale(self, sq_norms: Tensor, eta: Tensor, weights: Tensor) -> Tensor:
         return (1.0 / (1.0 + eta * self.lam)).expand_as(sq_norms)
@@ -303,8 +335,10 @@ class GroupL0(Penalty):
 
     convex = False
 
-    def __init__(self, lam: float, weight: WeightSpec = "size") -> None:
-        super().__init__(lam, weight)
+    def __init__(
+        self, lam: float, weight: WeightSpec = "size", *, groups: Collection[str] | None = None
+    ) -> None:
+        super().__init__(lam, weight, groups=groups)
 
     def group_scale(self, sq_norms: Tensor, eta: Tensor, weights: Tensor) -> Tensor:
         keep = 0.5 * sq_norms > eta * (self.lam * weights)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -118,12 +119,15 @@ class SparsityReport:
         strips = [t for t in self.tensors if t.dims and len(t.shape) >= 2]
         if strips:
             out.append(f"filters ({ALIVE} active, {ZERO} zero, {MIXED} some zero):")
-            label = min(30, max(len(t.module) for t in strips))
+            # A module with several cut tensors (fused experts) is shown tensor by tensor.
+            per_module = Counter(t.module for t in strips)
+            labels = [t.name if per_module[t.module] > 1 else t.module for t in strips]
+            label = min(30, max(len(lb) for lb in labels))
             counts = [f"{t.zero_units}/{t.units}" for t in strips]
             cw = max(len(c) for c in counts)
             width = _WIDTH - label - cw - 2
-            for t, count in zip(strips, counts):
-                out.append(f"{_fit(t.module, label)} {count:>{cw}} {_strip(t.zero_mask, width)}")
+            for t, lb, count in zip(strips, labels, counts):
+                out.append(f"{_fit(lb, label)} {count:>{cw}} {_strip(t.zero_mask, width)}")
         for name in list(self.levels)[1:]:
             lv = self.levels[name]
             if lv.groups:

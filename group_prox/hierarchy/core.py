@@ -122,6 +122,7 @@ class Hierarchy:
                 f"got {type(levels).__name__}."
             )
         name_of = _names_from(names)
+        self._levels = dict(levels)
         self.level_names: tuple[str, ...] = tuple(levels)
         for level in self.level_names:
             if not isinstance(level, str) or not level:
@@ -419,6 +420,16 @@ class Hierarchy:
             "groups": [self.num_groups(lv) for lv in self.level_names],
             "shapes": [list(lay.param.shape) for lay in self.tensors],
         }
+
+    def with_level(self, name: str, groups: LevelSpec) -> Hierarchy:
+        """A new hierarchy with one more level, ``name``, coarser than all the others.
+
+        For example ``h.with_level("global", [h.params])`` adds one group holding everything.
+        """
+        if name in self.level_names:
+            raise ValueError(f"the hierarchy already has a level {name!r}.")
+        names = {lay.name: lay.param for lay in self.tensors}
+        return Hierarchy({**self._levels, name: groups}, names=names)
 
     def _level(self, level: str) -> str:
         if level not in self._atom_group:

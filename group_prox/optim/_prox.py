@@ -15,6 +15,9 @@ from ..penalties import Penalty
 from ..report import SparsityReport, build_report
 
 _STATE_KEY = "group_prox"
+#: A penalty under this key acts on one group holding every parameter of the hierarchy, unless the
+#: hierarchy has a level of that name (the earlier project's ``type: global``).
+GLOBAL = "global"
 
 
 def unhooked_step(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -60,6 +63,8 @@ class ProxMixin:
                 f"{owner}: penalties must be a mapping {{level name: penalty}}, "
                 f"got {type(penalties).__name__}."
             )
+        if GLOBAL in penalties and GLOBAL not in hierarchy.level_names:
+            hierarchy = hierarchy.with_level(GLOBAL, [hierarchy.params])
         for level, pen in penalties.items():
             if level not in hierarchy.level_names:
                 raise ValueError(
@@ -71,6 +76,14 @@ class ProxMixin:
                     f"{owner}: the penalty for level {level!r} must be a group_prox penalty "
                     f"(GroupLasso, L1, ...), got {type(pen).__name__}."
                 )
+            if pen.groups is not None:
+                unknown = sorted(pen.groups - set(hierarchy.group_names(level)))
+                if unknown:
+                    raise ValueError(
+                        f"{owner}: the penalty for level {level!r} names groups it does not "
+                        f"have: {', '.join(map(repr, unknown[:3]))}"
+                        f"{f' and {len(unknown) - 3} more' if len(unknown) > 3 else ''}."
+                    )
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         missing = [lay.name for lay in hierarchy.tensors if id(lay.param) not in group_of]
         if missing:
@@ -109,9 +122,14 @@ class ProxMixin:
         """The current value of the whole penalty ``Ω(x) = Σ_levels Ω_level(x)``."""
         if self._hierarchy is None:
             return 0.0
-        return float(
-            sum(pen.value(self._hierarchy.groups(lv)) for lv, pen in self._penalties.items())
-        )
+        total = 0.0
+        for level, pen in self._penalties.items():
+            groups = self._hierarchy.groups(level)
+            if pen.groups is not None:
+                names = self._hierarchy.group_names(level)
+                groups = [g for g, n in zip(groups, names) if n in pen.groups]
+            total += float(pen.value(groups))
+        return total
 
     def get_sparsity_report(self) -> SparsityReport:
         """Which groups of the hierarchy are exactly zero (see :class:`SparsityReport`)."""

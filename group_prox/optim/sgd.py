@@ -38,6 +38,8 @@ class ProxSGD(ProxMixin, torch.optim.SGD):
         hierarchy: the :class:`~group_prox.Hierarchy` of parameter groups, e.g.
             ``group_prox.hierarchy.resnet(model)``. Every tensor in it must be among ``params``.
         penalties: mapping ``level name -> penalty`` (levels without a penalty are not penalised).
+            The key ``"global"``, when the hierarchy has no level of that name, stands for one
+            group holding every parameter of the hierarchy.
         compiled: run the SGD update as one ``torch.compile``-d pass per tensor instead of
             torch's several passes, which pays for much of the prox's cost. The first compiled
             step pays the compilation (tens of seconds on a CPU). Steps where it does not apply

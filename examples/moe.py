@@ -1,0 +1,144 @@
+"""A small mixture-of-experts layer with a top-k router, and a training loop that removes experts.
+
+The layer holds its experts either as an ``nn.ModuleList`` of two-layer MLPs or as fused 3-D
+weights (``w_in: [experts, d_model, d_hidden]``, ``w_out: [experts, d_hidden, d_model]``); both
+forms compute the same function and ``group_prox.hierarchy.moe`` understands both.
+
+Run ``python examples/moe.py`` to train a small MoE classifier with ``ProxAdam`` and a group lasso
+on hidden units and on whole experts, and print which experts survived.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ExpertMLP(nn.Module):
+    """One expert: ``fc2(act(fc1(x)))``."""
+
+    def __init__(self, d_model: int, d_hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class FusedExperts(nn.Module):
+    """``num_experts`` MLPs in four tensors; expert ``e`` is ``act(x @ w_in[e] + b_in[e]) @ w_out[e]
+    + b_out[e]``."""
+
+    def __init__(self, num_experts: int, d_model: int, d_hidden: int) -> None:
+        super().__init__()
+        bound_in, bound_out = d_model**-0.5, d_hidden**-0.5
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_hidden).uniform_(-1, 1))
+        self.b_in = nn.Parameter(torch.empty(num_experts, d_hidden).uniform_(-1, 1))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_hidden, d_model).uniform_(-1, 1))
+        self.b_out = nn.Parameter(torch.empty(num_experts, d_model).uniform_(-1, 1))
+        with torch.no_grad():
+            self.w_in.mul_(bound_in), self.b_in.mul_(bound_in)
+            self.w_out.mul_(bound_out), self.b_out.mul_(bound_out)
+
+    def __len__(self) -> int:
+        return self.w_in.shape[0]
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        return F.gelu(x @ self.w_in[e] + self.b_in[e]) @ self.w_out[e] + self.b_out[e]
+
+
+class TopKMoE(nn.Module):
+    """``y = Σ_{e ∈ top-k(router(x))} softmax(top-k logits)_e · expert_e(x)`` per token.
+
+    Args:
+        d_model: token width.
+        d_hidden: hidden width of every expert.
+        num_experts: number of experts.
+        top_k: experts evaluated per token.
+        fused: hold the experts as fused 3-D weights instead of an ``nn.ModuleList``.
+    """
+
+    def __init__(
+        self, d_model: int, d_hidden: int, num_experts: int, top_k: int = 2, fused: bool = False
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}.")
+        self.top_k = top_k
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.experts: nn.Module = (
+            FusedExperts(num_experts, d_model, d_hidden)
+            if fused
+            else nn.ModuleList(ExpertMLP(d_model, d_hidden) for _ in range(num_experts))
+        )
+
+    def routing(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per token: the chosen experts ``[tokens, k]`` and their gates ``[tokens, k]``."""
+        logits, chosen = self.router(x).topk(self.top_k, dim=-1)
+        return chosen, logits.softmax(dim=-1)
+
+    def run_expert(self, e: int, x: Tensor) -> Tensor:
+        if isinstance(self.experts, FusedExperts):
+            return self.experts.expert(e, x)
+        return self.experts[e](x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        chosen, gates = self.routing(tokens)
+        out = torch.zeros_like(tokens)
+        for e in range(len(self.experts)):
+            rows, slot = torch.nonzero(chosen == e, as_tuple=True)
+            if rows.numel():
+                y = self.run_expert(e, tokens[rows]) * gates[rows, slot, None]
+                out.index_add_(0, rows, y)
+        return out.reshape(shape)
+
+
+class MoEClassifier(nn.Module):
+    """``head(mean over tokens of (x + moe(norm(x))))`` on inputs ``[batch, tokens, d_in]``."""
+
+    def __init__(
+        self, d_in: int, d_model: int, num_classes: int, num_experts: int = 8, fused: bool = False
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Linear(d_in, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.moe = TopKMoE(d_model, 4 * d_model, num_experts, top_k=2, fused=fused)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        h = h + self.moe(self.norm(h))
+        return self.head(h.mean(dim=1))
+
+
+def main() -> None:
+    import group_prox as gp
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 8, 16)
+    y = (x[:, :, :4].sum(dim=(1, 2)) > 0).long() + 2 * (x[:, :, 4].mean(dim=1) > 0).long()
+    model = MoEClassifier(16, 32, num_classes=4, num_experts=8, fused=True)
+    hierarchy = gp.hierarchy.moe(model)
+    opt = gp.ProxAdam(
+        model.parameters(),
+        lr=3e-3,
+        hierarchy=hierarchy,
+        penalties={"base_level": gp.GroupLasso(0.2), "block": gp.GroupLasso(0.2)},
+    )
+    for _ in range(30):
+        for i in range(0, len(x), 64):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i : i + 64]), y[i : i + 64]).backward()
+            opt.step()
+    with torch.no_grad():
+        accuracy = (model(x).argmax(dim=1) == y).float().mean().item()
+    print(f"train accuracy {accuracy:.3f}")
+    print(opt.get_sparsity_report())
+
+
+if __name__ == "__main__":
+    main()
