@@ -10,7 +10,9 @@ at each step is an integer array over atoms, built once here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import gc
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -84,6 +86,19 @@ def _names_from(names: nn.Module | Mapping[str, Tensor] | None) -> dict[int, str
     )
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Building a hierarchy allocates ~10⁵ small objects and no reference cycles; the cyclic
+    collector would rescan the heap over and over (half the build time of a ResNet-50)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class Hierarchy:
     """Levels of parameter groups, finest level first, that nest as a tree.
 
@@ -121,7 +136,10 @@ class Hierarchy:
                 "levels must be an ordered mapping {level name: groups}, finest level first; "
                 f"got {type(levels).__name__}."
             )
-        name_of = _names_from(names)
+        with gc_paused():
+            self._build(levels, _names_from(names))
+
+    def _build(self, levels: Mapping[str, LevelSpec], name_of: dict[int, str]) -> None:
         self._levels = dict(levels)
         self.level_names: tuple[str, ...] = tuple(levels)
         for level in self.level_names:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .core import Hierarchy, Member
+from .core import Hierarchy, Member, gc_paused
 
 __all__ = ["moe"]
 
@@ -115,6 +115,7 @@ def _fused_expert_groups(
     return units, blocks
 
 
+@gc_paused()
 def moe(model: nn.Module, *, down: str | None = None) -> Hierarchy:
     """Two-level hierarchy of every mixture-of-experts layer in ``model``.
 

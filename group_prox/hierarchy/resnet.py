@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .core import Hierarchy, Member
+from .core import Hierarchy, Member, gc_paused
 
 __all__ = ["resnet"]
 
@@ -38,6 +38,7 @@ def _filter_members(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, i: int) -> list[
     return members
 
 
+@gc_paused()
 def resnet(model: nn.Module) -> Hierarchy:
     """Two-level hierarchy of a ResNet built from torchvision's ``BasicBlock``/``Bottleneck``.
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .core import Hierarchy, Member
+from .core import Hierarchy, Member, gc_paused
 
 __all__ = ["from_module_tags"]
 
@@ -138,6 +138,7 @@ def _walk_seed_groups(node: Any, builder: _Builder) -> list[nn.Module]:
     return leaves
 
 
+@gc_paused()
 def from_module_tags(model: nn.Module) -> Hierarchy:
     """Hierarchy of a model tagged the way the earlier project tagged its modules.
 
