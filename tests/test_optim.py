@@ -328,6 +328,11 @@ def test_adam_default_threshold_is_lr():
         (dict(penalties={"layer": 0.1}), TypeError, "must be a group_prox penalty"),
         (dict(penalties=[("layer", gp.GroupLasso(0.1))]), TypeError, "mapping"),
         (dict(hierarchy="resnet"), TypeError, "must be a group_prox.Hierarchy"),
+        (
+            dict(penalties={"base_level": gp.GroupLasso(0.1, groups=["neuron1", "neuron9"])}),
+            ValueError,
+            "the penalty for level 'base_level' names groups it does not have: 'neuron9'",
+        ),
     ],
 )
 def test_constructor_errors(kwargs, error, match):
@@ -433,3 +438,36 @@ def test_training_in_other_precisions(cls, dtype):
     lin = model[0]
     zero_rows = (lin.weight == 0).all(dim=1)
     assert zero_rows.sum() == report.levels["base_level"].zero_groups
+
+
+def test_penalty_restricted_to_some_groups():
+    model = _model()
+    h = _hierarchy(model)
+    pen = gp.GroupLasso(1e9, groups={"neuron2", "neuron5"})
+    opt = gp.ProxSGD(model.parameters(), lr=1.0, hierarchy=h, penalties={"base_level": pen})
+    views = h.groups("base_level")
+    expected = sum(
+        pen.lam
+        * sum(v.numel() for v in views[i]) ** 0.5
+        * torch.cat([v.reshape(-1) for v in views[i]]).double().norm().item()
+        for i in (2, 5)
+    )
+    assert opt.penalty_value() == pytest.approx(expected)
+    opt.step()
+    report = opt.get_sparsity_report()
+    assert report.levels["base_level"].zero_group_names == ["neuron2", "neuron5"]
+    assert "groups=<2 names>" in repr(pen)
+    with pytest.raises(TypeError, match="groups must be a collection of group names"):
+        gp.L1(0.1, groups="neuron2")
+
+
+def test_global_key_is_one_group_over_the_hierarchy():
+    model = _model()
+    h = _hierarchy(model)
+    opt = gp.ProxSGD(
+        model.parameters(), lr=1.0, hierarchy=h, penalties={"global": gp.GroupLasso(0.0)}
+    )
+    assert opt.hierarchy.level_names == ("base_level", "layer", "global")
+    assert opt.hierarchy.group_sizes("global") == [sum(p.numel() for p in h.params)]
+    with pytest.raises(ValueError, match="already has a level 'layer'"):
+        h.with_level("layer", [])
