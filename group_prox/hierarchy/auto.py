@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .core import Hierarchy, Member, gc_paused
+from .core import Hierarchy, Member, common_module_prefix, gc_paused
 
 __all__ = ["auto"]
 
@@ -129,16 +129,6 @@ def _runs(indices: Sequence[int]) -> list[int | slice]:
             out.append(a if a == b else slice(a, b + 1))
             start = k
     return out
-
-
-def _common_prefix(names: Sequence[str]) -> str:
-    parts = [n.split(".") for n in names]
-    prefix = []
-    for level in zip(*parts):
-        if any(p != level[0] for p in level):
-            break
-        prefix.append(level[0])
-    return ".".join(prefix)
 
 
 def _forward_fn(example_inputs: object) -> Callable[[nn.Module, object], object]:
@@ -577,7 +567,7 @@ def _branch_groups(
     # Named after the module that holds the branch ("layer1.0"); where that module holds two
     # branches (attention and MLP of a transformer layer) or there is none, list the parts.
     kept.sort(key=lambda k: k[0])
-    prefixes = [_common_prefix(names) for _, names, _ in kept]
+    prefixes = [common_module_prefix(names) for _, names, _ in kept]
     layer: dict[str, list[Member]] = {}
     for prefix, (_, names, members) in zip(prefixes, kept):
         name = prefix

@@ -99,6 +99,17 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def common_module_prefix(names: Sequence[str]) -> str:
+    """The longest dotted module path shared by ``names`` (``""`` if none), to name a group."""
+    parts = [n.split(".") for n in names if n]
+    prefix = []
+    for level in zip(*parts):
+        if any(p != level[0] for p in level):
+            break
+        prefix.append(level[0])
+    return ".".join(prefix)
+
+
 class Hierarchy:
     """Levels of parameter groups, finest level first, that nest as a tree.
 

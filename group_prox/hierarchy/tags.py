@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .core import Hierarchy, Member, gc_paused
+from .core import Hierarchy, Member, common_module_prefix, gc_paused
 
 __all__ = ["from_module_tags"]
 
@@ -94,7 +94,7 @@ class _Builder:
     def group(self, modules: list[nn.Module], tags: Iterable[str]) -> None:
         params = {id(p): p for m in modules for p in self.params_of(m)}
         names = [self.names.get(id(m), "") for m in modules]
-        name = _common_prefix(names) or "+".join(names)
+        name = common_module_prefix(names) or "+".join(names)
         for tag in tags:
             self.add(tag, name, list(params.values()))
 
@@ -106,18 +106,6 @@ class _Builder:
         order += [t for t in self.levels if t not in structural]
         order += [t for t in ("layer", "block") if t in self.levels]
         return Hierarchy({t: self.levels[t] for t in order}, names=self.model)
-
-
-def _common_prefix(names: list[str]) -> str:
-    parts = [n.split(".") for n in names if n]
-    if not parts:
-        return ""
-    prefix = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        prefix.append(level[0])
-    return ".".join(prefix)
 
 
 def _walk_seed_groups(node: Any, builder: _Builder) -> list[nn.Module]:
