@@ -115,25 +115,40 @@ class MoEClassifier(nn.Module):
         return self.head(h.mean(dim=1))
 
 
-def main() -> None:
+def train(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    lam: float,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+):
+    """Train with ``ProxAdam`` and a group lasso of strength ``lam`` on hidden units and on whole
+    experts; return the optimizer (``opt.get_sparsity_report()`` shows what survived)."""
     import group_prox as gp
 
+    opt = gp.ProxAdam(
+        model.parameters(),
+        lr=lr,
+        hierarchy=gp.hierarchy.moe(model),
+        penalties={"base_level": gp.GroupLasso(lam), "block": gp.GroupLasso(lam)},
+    )
+    for _ in range(epochs):
+        for i in range(0, len(x), batch_size):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i : i + batch_size]), y[i : i + batch_size]).backward()
+            opt.step()
+    return opt
+
+
+def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(512, 8, 16)
     y = (x[:, :, :4].sum(dim=(1, 2)) > 0).long() + 2 * (x[:, :, 4].mean(dim=1) > 0).long()
     model = MoEClassifier(16, 32, num_classes=4, num_experts=8, fused=True)
-    hierarchy = gp.hierarchy.moe(model)
-    opt = gp.ProxAdam(
-        model.parameters(),
-        lr=3e-3,
-        hierarchy=hierarchy,
-        penalties={"base_level": gp.GroupLasso(0.2), "block": gp.GroupLasso(0.2)},
-    )
-    for _ in range(30):
-        for i in range(0, len(x), 64):
-            opt.zero_grad()
-            F.cross_entropy(model(x[i : i + 64]), y[i : i + 64]).backward()
-            opt.step()
+    opt = train(model, x, y, lam=0.2, lr=3e-3, epochs=30, batch_size=64)
     with torch.no_grad():
         accuracy = (model(x).argmax(dim=1) == y).float().mean().item()
     print(f"train accuracy {accuracy:.3f}")

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .hierarchy.core import Hierarchy
+from .kernels import atom_sum
 
 __all__ = ["LevelSparsity", "SparsityReport", "TensorSparsity", "get_sparsity_report"]
 
@@ -178,13 +179,7 @@ def build_report(hierarchy: Hierarchy, all_params: Iterable[Tensor]) -> Sparsity
     atom_zero_parts, tensors = [], []
     for lay in hierarchy.tensors:
         p = lay.param.detach()
-        if not lay.dims:
-            mask = (p == 0).all().reshape(1)
-        elif not lay.reduce_dims:
-            mask = (p == 0).reshape(-1)
-        else:
-            mask = (p.abs().amax(dim=lay.reduce_dims) == 0).reshape(-1)
-        mask_np = mask.cpu().numpy().astype(bool)
+        mask_np = (atom_sum(lay, p != 0) == 0).cpu().numpy()
         atom_zero_parts.append(mask_np)
         tensors.append(
             TensorSparsity(

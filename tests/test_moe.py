@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import group_prox as gp
-from examples.moe import ExpertMLP, MoEClassifier, TopKMoE
+from examples.moe import ExpertMLP, MoEClassifier, TopKMoE, train
 
 D, H, E = 6, 5, 4
 
@@ -180,18 +180,7 @@ def test_training_removes_units_and_experts(fused):
     x = torch.randn(256, 4, 8)
     y = (x[:, :, :2].sum(dim=(1, 2)) > 0).long()
     model = MoEClassifier(8, 16, num_classes=2, num_experts=4, fused=fused)
-    h = gp.hierarchy.moe(model)
-    opt = gp.ProxAdam(
-        model.parameters(),
-        lr=1e-2,
-        hierarchy=h,
-        penalties={"base_level": gp.GroupLasso(0.2), "block": gp.GroupLasso(0.2)},
-    )
-    for _ in range(8):
-        for i in range(0, len(x), 32):
-            opt.zero_grad()
-            F.cross_entropy(model(x[i : i + 32]), y[i : i + 32]).backward()
-            opt.step()
+    opt = train(model, x, y, lam=0.2, lr=1e-2, epochs=8, batch_size=32)
     report = opt.get_sparsity_report()
     assert report.levels["base_level"].zero_groups > 0
     assert 1 <= report.levels["block"].zero_groups < 4

@@ -317,17 +317,15 @@ class Hierarchy:
 
     def _member_atoms(self, m: _NormalMember) -> np.ndarray:
         lay = self.tensors[m.tensor_index]
-        if not lay.dims:
+        if not m.dims:
             return np.arange(lay.offset, lay.offset + lay.num_atoms, dtype=np.int64)
-        if len(lay.dims) == 1 and m.dims:
+        if len(lay.dims) == 1:
             return lay.offset + np.asarray(m.indices[0], dtype=np.int64)
         chosen = dict(zip(m.dims, m.indices))
         axes = [
             np.asarray(chosen[d], dtype=np.int64) if d in chosen else np.arange(n, dtype=np.int64)
             for d, n in zip(lay.dims, lay.grid)
         ]
-        if len(axes) == 1:
-            return lay.offset + axes[0]
         return lay.offset + np.ravel_multi_index(np.ix_(*axes), lay.grid).ravel()
 
     def _build_level(self, level: str, groups: list[tuple[str, list[_NormalMember]]]) -> None:

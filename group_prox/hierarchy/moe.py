@@ -126,9 +126,11 @@ def moe(model: nn.Module, *, down: str | None = None) -> Hierarchy:
     * a module of fused parameters: 3-D weights ``[experts, d_in, d_hidden]`` into the hidden layer
       and ``[experts, d_hidden, d_out]`` out of it, with optional 2-D biases ``[experts, width]``.
 
-    The projection out of the hidden layer is recognised by its input width (the others' shared
-    output width); when shapes are ambiguous (square experts) by its name (``fc2``, ``w2``,
-    ``down_proj``, ``w_out`` …), or give it as ``down=<name>``.
+    The projection out of the hidden layer is recognised by its input width, the others' shared
+    output width, when the others also share an input width of their own (gated experts). Where
+    shapes cannot tell (two-layer experts, whose shapes are symmetric, and square ones) it is
+    recognised by its name (``fc2``, ``w2``, ``down_proj``, ``w_out`` …), or give it as
+    ``down=<name>``.
 
     Levels:
 

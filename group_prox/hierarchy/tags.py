@@ -117,8 +117,8 @@ def _walk_seed_groups(node: Any, builder: _Builder) -> list[nn.Module]:
     leaves: list[nn.Module] = []
     for item in inner:
         if isinstance(item, nn.Module):
-            leaves += [item] if _weighted(item) is not None else []
-            if _tags(item) is not None and _weighted(item) is not None:
+            if _weighted(item) is not None:
+                leaves.append(item)
                 builder.leaf(item, _tags(item) or [])
         else:
             leaves += _walk_seed_groups(item, builder)
