@@ -1,6 +1,13 @@
 """group_prox: structured sparsity for PyTorch by exact hierarchical proximal gradient."""
 
-from . import hierarchy, penalties
+from . import compression, hierarchy, penalties
+from .compression import (
+    CompressionReport,
+    compress,
+    compression_report,
+    load_compressed,
+    save_compressed,
+)
 from .config import from_config
 from .hierarchy import Hierarchy
 from .optim import ProxAdam, ProxSGD
@@ -11,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "L1",
+    "CompressionReport",
     "GroupDecay",
     "GroupL0",
     "GroupLasso",
@@ -21,8 +29,13 @@ __all__ = [
     "SparseGroupLasso",
     "SparsityReport",
     "__version__",
+    "compress",
+    "compression",
+    "compression_report",
     "from_config",
     "get_sparsity_report",
     "hierarchy",
+    "load_compressed",
     "penalties",
+    "save_compressed",
 ]
