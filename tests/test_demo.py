@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from group_prox.demo import main, run_demo
+import torch
+
+import group_prox as gp
+from group_prox.demo import evaluate, main, run_demo
 
 
 def test_demo_meets_its_targets():
@@ -18,8 +21,17 @@ def test_demo_meets_its_targets():
             (p == 0).all() for n, p in block.named_parameters() if not n.startswith("downsample")
         )
 
+    # compression keeps the function and removes what the demo promises
+    small = gp.compress(result.model, result.hierarchy)
+    assert evaluate(small, result.x_test, result.y_test) == result.accuracy
+    with torch.no_grad():
+        torch.testing.assert_close(small(result.x_test), result.model(result.x_test))
+    rep = gp.compression_report(result.model, small, result.x_test[:64], runs=3, warmup=1)
+    assert rep.params_removed >= 0.5
+
 
 def test_demo_cli_prints_report(capsys):
     assert main(["--epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "test accuracy" in out and "Sparsity report" in out
+    assert "Compression report" in out and "latency (batch 64)" in out
