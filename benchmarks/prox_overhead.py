@@ -17,37 +17,25 @@ of the overheads (e − b)/a, (f − b)/a. Writes ``benchmarks/results/prox_over
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _common import RESULTS as RESULTS_DIR
+from _common import machine
 from torchvision.models import resnet50
 from tqdm.auto import tqdm
 
 import group_prox as gp
 from group_prox.kernels import hierarchical_prox_
 
-RESULTS = Path(__file__).parent / "results" / "prox_overhead.md"
+RESULTS = RESULTS_DIR / "prox_overhead.md"
 
 
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Prox overhead on resnet50",
         "",
-        f"Machine: {_machine()}.",
+        f"Machine: {machine()}.",
         f"Model: torchvision resnet50, {n_params / 1e6:.1f} M parameters; hierarchy "
         f"{h_sgd.num_groups('base_level')} filter groups + {h_sgd.num_groups('layer')} residual branches. "
         f"{args.iters} timed iterations after {args.warmup} warm-up ones, cases interleaved in each iteration.",

@@ -5,7 +5,8 @@ weights (``w_in: [experts, d_model, d_hidden]``, ``w_out: [experts, d_hidden, d_
 forms compute the same function and ``group_prox.hierarchy.moe`` understands both.
 
 Run ``python examples/moe.py`` to train a small MoE classifier with ``ProxAdam`` and a group lasso
-on hidden units and on whole experts, and print which experts survived.
+on hidden units and on whole experts, print which experts survived, and compress it with
+``group_prox.compress`` (dead hidden units and dead experts physically removed, same outputs).
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ class ExpertMLP(nn.Module):
 
 class FusedExperts(nn.Module):
     """``num_experts`` MLPs in four tensors; expert ``e`` is ``act(x @ w_in[e] + b_in[e]) @ w_out[e]
-    + b_out[e]``."""
+    + b_out[e]``.
+
+    Implements ``keep_experts``, the protocol by which ``group_prox.compress`` drops the rows of
+    experts that compute exactly zero (see ``group_prox.compression.moe``): expert ``e`` (the
+    router's index) then reads row ``self.rows[e]`` of the tensors, or is a dropped expert that
+    returns zeros.
+    """
 
     def __init__(self, num_experts: int, d_model: int, d_hidden: int) -> None:
         super().__init__()
@@ -41,12 +48,34 @@ class FusedExperts(nn.Module):
         with torch.no_grad():
             self.w_in.mul_(bound_in), self.b_in.mul_(bound_in)
             self.w_out.mul_(bound_out), self.b_out.mul_(bound_out)
+        # Expert e -> its row in the tensors, None once dropped. Plain Python, not a buffer: it is
+        # rebuilt by re-applying the compression plan, so the state_dict keys do not change.
+        self.rows: list[int | None] = list(range(num_experts))
 
     def __len__(self) -> int:
-        return self.w_in.shape[0]
+        return len(self.rows)
 
     def expert(self, e: int, x: Tensor) -> Tensor:
-        return F.gelu(x @ self.w_in[e] + self.b_in[e]) @ self.w_out[e] + self.b_out[e]
+        row = self.rows[e]
+        if row is None:  # dropped by keep_experts: its w_out and b_out rows were 0
+            return x.new_zeros((*x.shape[:-1], self.w_out.shape[-1]))
+        return F.gelu(x @ self.w_in[row] + self.b_in[row]) @ self.w_out[row] + self.b_out[row]
+
+    def keep_experts(self, kept: list[int]) -> None:
+        """Keep only rows ``kept`` (increasing, as the tensors are now) of every tensor.
+
+        Exact when the dropped rows' experts compute 0 (``w_out[e] = 0`` and ``b_out[e] = 0``),
+        which is what ``group_prox.compress`` checks before calling it: a dropped expert returns
+        zeros, every other expert reads its own row as before, and expert indices (the router's)
+        do not change.
+        """
+        idx = torch.as_tensor(kept, dtype=torch.long, device=self.w_in.device)
+        for name in ("w_in", "b_in", "w_out", "b_out"):
+            old = getattr(self, name)
+            new = old.detach().index_select(0, idx).contiguous()
+            setattr(self, name, nn.Parameter(new, requires_grad=old.requires_grad))
+        new_row = {old: new for new, old in enumerate(kept)}
+        self.rows = [None if r is None else new_row.get(r) for r in self.rows]
 
 
 class TopKMoE(nn.Module):
@@ -153,6 +182,14 @@ def main() -> None:
         accuracy = (model(x).argmax(dim=1) == y).float().mean().item()
     print(f"train accuracy {accuracy:.3f}")
     print(opt.get_sparsity_report())
+
+    import group_prox as gp
+
+    # Dead hidden units and dead experts are physically removed; compress checks the outputs.
+    small = gp.compress(model, opt.hierarchy, example_inputs=x[:64])
+    before, after = (sum(p.numel() for p in m.parameters()) for m in (model, small))
+    print(f"parameters: {before:,} before, {after:,} after compression")
+    print(gp.compression_report(model, small, x[:64]))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,239 @@
-"""Compression of mixture-of-experts layers: dead hidden units and whole experts go."""
+"""Compression of mixture-of-experts layers: dead hidden units and whole experts go.
+
+An MoE layer is a module with an ``experts`` attribute, laid out as
+:func:`group_prox.hierarchy.moe` understands it (and recognised by the same code): an
+``nn.ModuleList`` of expert MLPs, or a module of fused ``[experts, ...]`` parameters. Expert ``e``
+computes ``y_e(x) = W_down^e · h^e(x) + b_down^e``, where the hidden activation
+``h^e_j(x) = act(u^e_j(x))`` (or ``act(g^e_j(x)) · u^e_j(x)`` for gated experts) depends on unit
+``j``'s rows of the projections into the hidden layer only. The router is never touched.
+
+Removals, each exact (for finite activations, ``0 · h = 0``):
+
+* **hidden unit** ``j`` of a ``ModuleList`` expert whose column ``W_down[:, j]`` is zero: its term
+  ``W_down[:, j] · h_j`` is zero whatever ``h_j`` is, so its rows of the projections into the
+  hidden layer and its column of the projection out are sliced away (``SliceOp``);
+* **whole expert** ``e`` of a ``ModuleList`` whose ``W_down^e = 0`` and ``b_down^e = 0`` (or
+  absent): ``y_e ≡ 0``, so it becomes a parameter-free :class:`ZeroExpert` (replacement kind
+  ``"moe_zero_expert"``). The router still scores it, so the top-k choice and the softmax over the
+  chosen logits are unchanged; tokens routed to it still receive ``gate · 0``;
+* **fused hidden unit** ``j``, zero in the projection out of *every* expert (the hidden width is
+  shared by all experts): sliced from every fused tensor along its hidden dimension (replacement
+  kind ``"moe_fused_hidden"``);
+* **fused whole expert** ``e`` (``W_down[e] = 0``, ``b_down[e] = 0``): only if the fused module
+  implements the protocol below (replacement kind ``"moe_keep_experts"``); otherwise its zero
+  rows stay, computing zero as before.
+
+**Fused-experts protocol.** A fused experts module may define
+``keep_experts(self, kept: list[int]) -> None``: keep only the rows ``kept`` (increasing indices
+along the fused tensors' first dimension, as they are when it is called) of every fused parameter,
+in place and under the same parameter names, after which the module must still be called with the
+router's original expert indices (``len()`` unchanged) and compute exactly zero for an expert whose
+row was dropped. The planner only drops rows whose expert computes zero, so outputs are unchanged.
+It must depend only on ``kept`` and the module's structure (the plan is re-applied to a freshly
+built model by :func:`group_prox.load_compressed`). ``examples/moe.py``'s ``FusedExperts``
+implements it.
+
+Assumed, as by the hierarchy: an expert's output is its down projection's output, and everything
+between the projections acts unit by unit (activations, gating products). A ``ModuleList`` expert
+with parameters outside its ``nn.Linear`` layers keeps its hidden units; a layer whose projection
+out cannot be recognised (see ``down=`` in :func:`group_prox.hierarchy.moe`) is left as it is, with
+a warning. ``compress(..., example_inputs=x)`` checks the result.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+import warnings
+from collections.abc import Mapping
+from typing import Any
 
-from .plan import Op
+import torch
+from torch import Tensor, nn
 
-__all__ = ["applies", "plan"]
+from ..hierarchy.moe import _down_index, _fused_expert_groups
+from .plan import Op, ReplaceOp, SliceOp, register_replacement
+from .surgery import _check_keep, _set_tensor, kept_indices
+
+__all__ = ["ZeroExpert", "applies", "plan"]
+
+
+def _output_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a linear layer would have produced from ``x`` (autocast's, when it is on)."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class ZeroExpert(nn.Module):
+    """An expert whose output was exactly zero: ``x ↦ 0`` of width ``out_features``.
+
+    It has no parameters and does no arithmetic, just allocates ``x.shape[:-1] + (out_features,)``
+    zeros on ``x``'s device, in the dtype the removed expert's last linear layer would have given.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.zeros(
+            (*x.shape[:-1], self.out_features), dtype=_output_dtype(x), device=x.device
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+@register_replacement("moe_zero_expert")
+def _zero_expert(expert: nn.Module, args: Mapping[str, Any]) -> nn.Module:
+    return ZeroExpert(int(args["in_features"]), int(args["out_features"]))
+
+
+@register_replacement("moe_fused_hidden")
+def _fused_hidden(experts: nn.Module, args: Mapping[str, Any]) -> nn.Module:
+    """Keep hidden units ``args["keep"]`` of every tensor ``name`` along ``args["dims"][name]``."""
+    where = f"fused experts {type(experts).__name__!r}"
+    for name, dim in args["dims"].items():
+        t = getattr(experts, name, None)
+        if not isinstance(t, Tensor) or t.dim() <= int(dim):
+            raise ValueError(f"{where}: has no fused tensor {name!r} with a dimension {dim}.")
+        idx = _check_keep(args["keep"], int(t.shape[dim]), f"{where}, tensor {name!r}")
+        _set_tensor(experts, name, int(dim), idx)
+    return experts
+
+
+@register_replacement("moe_keep_experts")
+def _keep_experts(experts: nn.Module, args: Mapping[str, Any]) -> nn.Module:
+    keep = getattr(experts, "keep_experts", None)
+    if not callable(keep):
+        raise TypeError(
+            f"fused experts {type(experts).__name__!r} have no keep_experts(kept) method, which "
+            "this plan calls; was the model built with the class that was compressed?"
+        )
+    keep([int(e) for e in args["keep"]])
+    return experts
+
+
+def _moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, experts)`` of every MoE layer, ``name`` being the experts module's own name."""
+    names = {id(m): n for n, m in model.named_modules()}
+    layers = []
+    for m in model.modules():
+        experts = getattr(m, "experts", None)
+        if isinstance(experts, nn.Module) and id(experts) in names:
+            layers.append((names[id(experts)], experts))
+    return layers
 
 
 def applies(model: nn.Module) -> bool:
-    return False
+    """Whether some submodule of ``model`` has an ``experts`` module (an MoE layer)."""
+    return any(isinstance(getattr(m, "experts", None), nn.Module) for m in model.modules())
 
 
 def plan(model: nn.Module, *, multiple: int = 1) -> list[Op]:
-    return []
+    """Operations removing every dead hidden unit and expert of the MoE layers in ``model``.
+
+    Hidden widths are rounded up to a multiple of ``multiple`` by keeping some dead units; at least
+    one unit is kept. Layers whose layout is not recognised are left unchanged, with a warning.
+    """
+    ops: list[Op] = []
+    for name, experts in _moe_layers(model):
+        try:
+            if isinstance(experts, nn.ModuleList):
+                ops += _list_ops(name, experts, multiple)
+            else:
+                ops += _fused_ops(name, experts, multiple)
+        except ValueError as e:
+            warnings.warn(f"compress(): MoE layer {name!r} is left uncompressed: {e}", stacklevel=4)
+    return ops
+
+
+def _projections(where: str, expert: nn.Module) -> tuple[list[str], str]:
+    """Names of the expert's projections into its hidden layer, and of the one out of it."""
+    linears = [(n, m) for n, m in expert.named_modules() if isinstance(m, nn.Linear)]
+    if len(linears) < 2:
+        raise ValueError(f"expert {where!r} has {len(linears)} nn.Linear layer(s), not an MLP.")
+    names = [n for n, _ in linears]
+    try:
+        k = _down_index(
+            names, [m.in_features for _, m in linears], [m.out_features for _, m in linears], None
+        )
+    except ValueError:
+        # A Sequential runs its layers in order: of two linear layers, the second reads the hidden
+        # layer the first writes.
+        direct = all("." not in n for n in names)
+        if not (isinstance(expert, nn.Sequential) and len(linears) == 2 and direct):
+            raise ValueError(
+                f"cannot tell which of the projections {names} of expert {where!r} reads its hidden "
+                "layer (recognised by shape, by name such as fc2/w2/down_proj, or as the second "
+                "linear layer of an nn.Sequential)."
+            ) from None
+        k = 1
+    return [n for i, n in enumerate(names) if i != k], names[k]
+
+
+def _list_ops(name: str, experts: nn.ModuleList, multiple: int) -> list[Op]:
+    ops: list[Op] = []
+    for e, expert in enumerate(experts):
+        if isinstance(expert, ZeroExpert):
+            continue
+        where = f"{name}.{e}"
+        ups, down = _projections(where, expert)
+        proj = expert.get_submodule(down)
+        with torch.no_grad():
+            dead_units = (proj.weight == 0).all(0).cpu()
+            dead_expert = bool(dead_units.all()) and (
+                proj.bias is None or bool((proj.bias == 0).all())
+            )
+        if dead_expert:
+            d_in = expert.get_submodule(ups[0]).in_features
+            args = {"in_features": d_in, "out_features": proj.out_features}
+            ops.append(ReplaceOp(where, "moe_zero_expert", args))
+            continue
+        own = {id(p) for n in (*ups, down) for p in expert.get_submodule(n).parameters()}
+        if any(id(p) not in own for p in expert.parameters()):
+            continue  # a parameterised module between the projections might mix hidden units
+        keep = tuple(kept_indices(dead_units, multiple))
+        if len(keep) < dead_units.numel():
+            ops += [SliceOp(f"{where}.{u}", "out", keep) for u in ups]
+            ops.append(SliceOp(f"{where}.{down}", "in", keep))
+    return ops
+
+
+def _fused_layout(name: str, experts: nn.Module) -> tuple[dict[str, int], str, list[str]]:
+    """``({tensor: its hidden dimension}, the projection out, [output biases])``, read off the
+    hierarchy's own grouping of hidden unit 0 of expert 0, so that a removed unit is exactly what
+    a ``base_level`` group of :func:`group_prox.hierarchy.moe` covers."""
+    params = dict(experts.named_parameters(recurse=False))
+    if len({int(p.shape[0]) for p in params.values() if p.dim()}) > 1:
+        raise ValueError("the fused tensors disagree on the number of experts.")
+    # The grouping depends on names and shapes only: read it off a one-expert copy on the meta
+    # device, which costs O(hidden) instead of O(experts · hidden).
+    one = nn.Module()
+    for n, p in params.items():
+        shape = (1, *p.shape[1:]) if p.dim() else ()
+        one.register_parameter(n, nn.Parameter(torch.empty(shape, device="meta")))
+    units, _ = _fused_expert_groups(name, one, None)
+    by_id = {id(p): n for n, p in one.named_parameters()}
+    members = units[f"{name}.0[0]"]
+    dims = {by_id[id(t)]: int(d[1]) for t, d, _ in members}
+    down = by_id[id(members[-1][0])]  # the hierarchy lists the projection out last
+    out_biases = [n for n, p in params.items() if p.dim() == 2 and n not in dims]
+    return dims, down, out_biases
+
+
+def _fused_ops(name: str, experts: nn.Module, multiple: int) -> list[Op]:
+    dims, down, out_biases = _fused_layout(name, experts)
+    with torch.no_grad():
+        proj = getattr(experts, down)
+        rows = (proj.movedim(dims[down], 1) == 0).flatten(2).all(2).cpu()  # [experts, hidden]
+        dead_expert = rows.all(1)
+        for b in out_biases:
+            dead_expert &= (getattr(experts, b) == 0).all(1).cpu()
+    ops: list[Op] = []
+    keep = kept_indices(rows.all(0), multiple)
+    if len(keep) < rows.shape[1]:
+        ops.append(ReplaceOp(name, "moe_fused_hidden", {"keep": keep, "dims": dims}))
+    if callable(getattr(experts, "keep_experts", None)) and bool(dead_expert.any()):
+        ops.append(ReplaceOp(name, "moe_keep_experts", {"keep": kept_indices(dead_expert)}))
+    return ops

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +19,19 @@ _INSTALL = 'pip install "group_prox[auto]"'
 _OUT, _IN, _CH = "out", "in", "channel"  # output channel, input channel, both at once
 
 _ParamDims = list[tuple[Tensor, int]]
+
+
+@dataclass(frozen=True, eq=False)
+class AutoTrace:
+    """How :func:`auto` traced a model, kept on its hierarchy (``hierarchy._auto_trace``) so that
+    :func:`group_prox.compress` can trace the same graph again. Layers are kept by name, not by
+    object, so that the record also describes a copy of the model."""
+
+    example_inputs: Any
+    ignored_layers: tuple[str, ...]  # every ignored module, containers expanded
+    root_module_types: tuple[type[nn.Module], ...]
+    prune_outputs: bool
+    dependency_kwargs: Mapping[str, Any]
 
 
 def _import_torch_pruning() -> Any:
@@ -193,6 +207,9 @@ def auto(
       completely.) Group name: the module holding the branch, ``"layer1.0"``, or, where one module
       holds several branches, ``"encoder.layers.encoder_layer_0.{ln_1,self_attention}"``.
 
+    The hierarchy keeps ``example_inputs`` and the options below (layers by name), so that
+    :func:`group_prox.compress` traces the same graph again without being given inputs.
+
     Args:
         model: the model; it is run once, in eval mode (its train/eval flags are restored).
         example_inputs: a tensor (``model(x)``), a tuple or list (``model(*inputs)``) or a dict
@@ -274,7 +291,17 @@ def auto(
             m.training = mode
 
     with gc_paused():
-        return _from_graph(model, graph, tp, ignored, root_module_types, prune_outputs, branches)
+        hierarchy = _from_graph(
+            model, graph, tp, ignored, root_module_types, prune_outputs, branches
+        )
+    hierarchy._auto_trace = AutoTrace(  # type: ignore[attr-defined]
+        example_inputs=example_inputs,
+        ignored_layers=tuple(n for n, m in model.named_modules() if m in ignored),
+        root_module_types=tuple(root_module_types),
+        prune_outputs=prune_outputs,
+        dependency_kwargs=dict(dependency_kwargs or {}),
+    )
+    return hierarchy
 
 
 def _from_graph(

@@ -456,7 +456,11 @@ class Hierarchy:
         if name in self.level_names:
             raise ValueError(f"the hierarchy already has a level {name!r}.")
         names = {lay.name: lay.param for lay in self.tensors}
-        return Hierarchy({**self._levels, name: groups}, names=names)
+        extended = Hierarchy({**self._levels, name: groups}, names=names)
+        # How a builder traced the model (auto()) still describes the extended hierarchy.
+        if hasattr(self, "_auto_trace"):
+            extended._auto_trace = self._auto_trace
+        return extended
 
     def _level(self, level: str) -> str:
         if level not in self._atom_group:

@@ -48,6 +48,8 @@ def _list_expert_groups(
     blocks: dict[str, list[Member]] = {}
     for e, expert in enumerate(experts):
         where = f"{prefix}.{e}"
+        if next(expert.parameters(), None) is None:
+            continue  # an expert removed by compression: nothing left to penalise
         linears = [(n, m) for n, m in expert.named_modules() if isinstance(m, nn.Linear)]
         if len(linears) < 2:
             raise ValueError(
