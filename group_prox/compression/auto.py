@@ -52,6 +52,7 @@ from ..hierarchy.auto import (
     _import_torch_pruning,
     _producer_params,
     _UnionFind,
+    trace_graph,
 )
 from .plan import CompressionPlan, Op, Side, SliceOp
 from .report import _tensors
@@ -233,20 +234,14 @@ def _trace(
         return out
 
     kwargs = {"verbose": False, **dependency_kwargs, "forward_fn": forward_fn}
-    training = {m: m.training for m in model.modules()}
-    try:
-        with torch.enable_grad():  # Torch-Pruning traces through autograd
-            graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs, **kwargs
-            )
-    except Exception as e:
-        raise RuntimeError(
-            f"compress(): Torch-Pruning could not trace {type(model).__name__} "
-            f"({type(e).__name__}: {e}). Check that the model runs on example_inputs."
-        ) from e
-    finally:
-        for m, mode in training.items():  # the trace leaves the model in eval mode
-            m.training = mode
+    graph = trace_graph(
+        tp,
+        model,
+        example_inputs,
+        kwargs,
+        "compress()",
+        "Check that the model runs on example_inputs.",
+    )
     outputs = {t.grad_fn for t in _tensors(returned) if t.grad_fn is not None}
     return _Traced(graph, outputs, input_fns)
 

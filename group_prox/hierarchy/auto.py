@@ -130,6 +130,31 @@ class _UnionFind:
             self.parent[max(ri, rj)] = min(ri, rj)
 
 
+def trace_graph(
+    tp: Any,
+    model: nn.Module,
+    example_inputs: object,
+    kwargs: dict[str, Any],
+    caller: str,
+    hint: str,
+) -> Any:
+    """Torch-Pruning's dependency graph of ``model``, its train/eval flags left as they were."""
+    training = {m: m.training for m in model.modules()}
+    try:
+        with torch.enable_grad():  # Torch-Pruning traces through autograd
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, **kwargs
+            )
+    except Exception as e:
+        raise RuntimeError(
+            f"{caller}: Torch-Pruning could not trace {type(model).__name__} "
+            f"({type(e).__name__}: {e}). {hint}"
+        ) from e
+    finally:
+        for m, mode in training.items():  # the trace leaves the model in eval mode
+            m.training = mode
+
+
 def _runs(indices: Sequence[int]) -> list[int | slice]:
     """Indices as few members as possible: ints, or slices for consecutive runs."""
     if len(indices) == 1:
@@ -274,21 +299,15 @@ def auto(
 
     kwargs: dict[str, Any] = {"verbose": False, "forward_fn": _forward_fn(example_inputs)}
     kwargs.update(dependency_kwargs or {})
-    training = {m: m.training for m in model.modules()}
-    try:
-        with torch.enable_grad():  # Torch-Pruning traces through autograd
-            graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs, **kwargs
-            )
-    except Exception as e:
-        raise RuntimeError(
-            f"auto(): Torch-Pruning could not trace {type(model).__name__} "
-            f"({type(e).__name__}: {e}). Check that model(example_inputs) runs; otherwise build "
-            "the hierarchy with group_prox.Hierarchy(...)."
-        ) from e
-    finally:
-        for m, mode in training.items():  # the trace leaves the model in eval mode
-            m.training = mode
+    graph = trace_graph(
+        tp,
+        model,
+        example_inputs,
+        kwargs,
+        "auto()",
+        "Check that model(example_inputs) runs; otherwise build the hierarchy with "
+        "group_prox.Hierarchy(...).",
+    )
 
     with gc_paused():
         hierarchy = _from_graph(
