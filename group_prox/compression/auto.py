@@ -48,10 +48,12 @@ from ..hierarchy.auto import (
     _IN,
     _OUT,
     AutoTrace,
+    Unit,
     _forward_fn,
     _import_torch_pruning,
     _producer_params,
     _UnionFind,
+    coupled_channels,
     trace_graph,
 )
 from .plan import CompressionPlan, Op, Side, SliceOp
@@ -106,7 +108,6 @@ _SUM = frozenset({"AddBackward0", "SubBackward0"})  # zero if every operand is
 _PRODUCT = "MulBackward0"  # zero if one operand is
 _QUOTIENT = "DivBackward0"  # zero if the numerator is and the denominator a non-zero constant
 
-_Unit = tuple[Any, str, int]  # (Torch-Pruning node, role, channel index in that node)
 _Slice = tuple[str, Side, int]  # (module name, side, channel index)
 
 
@@ -158,7 +159,7 @@ def plan(
             ignored_layers=list(ignored), root_module_types=tuple(trace.root_module_types)
         )
     )
-    components, group_roots = _coupled_channels(traced.graph, groups)
+    components, group_roots = coupled_channels(traced.graph, groups)
 
     names = {m: n for n, m in model.named_modules()}
     ctx = _Context(traced, tp, names, ignored)
@@ -244,38 +245,6 @@ def _trace(
     )
     outputs = {t.grad_fn for t in _tensors(returned) if t.grad_fn is not None}
     return _Traced(graph, outputs, input_fns)
-
-
-def _coupled_channels(
-    graph: Any, groups: list[Any]
-) -> tuple[dict[int, list[_Unit]], list[list[int]]]:
-    """Coupled channels as in :func:`group_prox.hierarchy.auto`: union of the groups' units, one
-    channel index at a time. Also, per group, the coupled channel of each root index."""
-
-    def role_of(handler: Callable) -> str:
-        out, inp = graph.is_out_channel_pruning_fn(handler), graph.is_in_channel_pruning_fn(handler)
-        return _CH if out and inp else _OUT if out else _IN
-
-    uf = _UnionFind()
-    roots_of: list[list[int]] = []
-    for group in groups:
-        root_dep = group[0].dep
-        root_node, root_role = root_dep.target, role_of(root_dep.handler)
-        roots = {r: uf.id((root_node, root_role, r)) for r in group[0].root_idxs}
-        roots_of.append(list(roots.values()))
-        for item in group:
-            node, role = item.dep.target, role_of(item.dep.handler)
-            for i, r in zip(item.idxs, item.root_idxs):
-                u = uf.id((node, role, int(i)))
-                if r is None:  # an index mapping lost its root: couple it to all of them
-                    for v in roots.values():
-                        uf.union(u, v)
-                else:
-                    uf.union(u, roots[r])
-    components: dict[int, list[_Unit]] = {}
-    for key, i in uf.ids.items():
-        components.setdefault(uf.find(i), []).append(key)
-    return components, [[uf.find(u) for u in roots] for roots in roots_of]
 
 
 # ----------------------------------------------------------------------------- one coupled channel
@@ -374,7 +343,7 @@ def _reduces_channels(grad_fn: Any) -> bool:
 
 
 def _removal(
-    units: list[_Unit], ctx: _Context
+    units: list[Unit], ctx: _Context
 ) -> tuple[list[_Slice], list[tuple[nn.Module, int]]] | None:
     """The slices that remove this coupled channel, and the (reader, input index) pairs that must
     read 0, if removing it is exact; otherwise ``None``."""

@@ -19,6 +19,7 @@ _INSTALL = 'pip install "group_prox[auto]"'
 _OUT, _IN, _CH = "out", "in", "channel"  # output channel, input channel, both at once
 
 _ParamDims = list[tuple[Tensor, int]]
+Unit = tuple[Any, str, int]  # (Torch-Pruning node, role, channel index in that node)
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,6 +129,39 @@ class _UnionFind:
         ri, rj = self.find(i), self.find(j)
         if ri != rj:
             self.parent[max(ri, rj)] = min(ri, rj)
+
+
+def coupled_channels(
+    graph: Any, groups: list[Any]
+) -> tuple[dict[int, list[Unit]], list[list[int]]]:
+    """Coupled channels: the union of Torch-Pruning's groups, one channel index at a time. A unit is
+    (node, role, index); all units of one channel end up in one component (keyed by its root).
+    Also, per group, the component of each of its root indices."""
+
+    def role_of(handler: Callable) -> str:
+        out, inp = graph.is_out_channel_pruning_fn(handler), graph.is_in_channel_pruning_fn(handler)
+        return _CH if out and inp else _OUT if out else _IN
+
+    uf = _UnionFind()
+    roots_of: list[list[int]] = []
+    for group in groups:
+        root_dep = group[0].dep
+        root_node, root_role = root_dep.target, role_of(root_dep.handler)
+        roots = {r: uf.id((root_node, root_role, r)) for r in group[0].root_idxs}
+        roots_of.append(list(roots.values()))
+        for item in group:
+            node, role = item.dep.target, role_of(item.dep.handler)
+            for i, r in zip(item.idxs, item.root_idxs):
+                u = uf.id((node, role, int(i)))
+                if r is None:  # an index mapping lost its root: couple it to all of them
+                    for v in roots.values():
+                        uf.union(u, v)
+                else:
+                    uf.union(u, roots[r])
+    components: dict[int, list[Unit]] = {}
+    for key, i in uf.ids.items():
+        components.setdefault(uf.find(i), []).append(key)
+    return components, [[uf.find(u) for u in roots] for roots in roots_of]
 
 
 def trace_graph(
@@ -336,34 +370,11 @@ def _from_graph(
     module_names = {m: n for n, m in model.named_modules(remove_duplicate=True)}
     module_order = {m: k for k, m in enumerate(module_names)}
 
-    # 1. Coupled channels: union of Torch-Pruning's groups, one channel index at a time. A unit is
-    # (node, role, index); all units of one channel end up in one union-find component.
-    uf = _UnionFind()
-
-    def role_of(handler: Callable) -> str:
-        out, inp = graph.is_out_channel_pruning_fn(handler), graph.is_in_channel_pruning_fn(handler)
-        return _CH if out and inp else _OUT if out else _IN
-
     groups = graph.get_all_groups(
         ignored_layers=list(ignored), root_module_types=tuple(root_module_types)
     )
-    for group in groups:
-        root_dep = group[0].dep
-        root_node, root_role = root_dep.target, role_of(root_dep.handler)
-        roots = {r: uf.id((root_node, root_role, r)) for r in group[0].root_idxs}
-        for item in group:
-            node, role = item.dep.target, role_of(item.dep.handler)
-            for i, r in zip(item.idxs, item.root_idxs):
-                u = uf.id((node, role, int(i)))
-                if r is None:  # an index mapping lost its root: couple it to all of them
-                    for v in roots.values():
-                        uf.union(u, v)
-                else:
-                    uf.union(u, roots[r])
-
-    components: dict[int, list[tuple[Any, str, int]]] = {}
-    for key, i in uf.ids.items():
-        components.setdefault(uf.find(i), []).append(key)
+    # 1. Coupled channels.
+    components, _ = coupled_channels(graph, groups)
 
     # 2. Producer-side slices. A channel that reaches the outputs or an ignored layer, or passes a
     # module that cannot be zeroed slice by slice, gets no group.
