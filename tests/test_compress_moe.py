@@ -14,6 +14,8 @@ import group_prox as gp
 from examples.moe import FusedExperts, MoEClassifier, TopKMoE, train
 from group_prox.compression.moe import ZeroExpert
 
+from .test_moe import _Gated
+
 D_IN, D, C, E = 6, 8, 3, 4
 H = 4 * D  # MoEClassifier's expert hidden width
 UNITS = [1, 5, 6, 20]  # dead hidden units
@@ -97,19 +99,6 @@ def test_routing_is_unchanged(fused):
         assert (small.moe.run_expert(DEAD, tokens) == 0).all()
         # slicing a hidden layer may reorder a float sum, hence allclose rather than equal
         assert torch.allclose(small.moe(tokens), model.moe(tokens), rtol=1e-5, atol=1e-6)
-
-
-class _Gated(nn.Module):
-    """SwiGLU expert: w2(silu(w1 x) * w3 x), no biases."""
-
-    def __init__(self, d: int, hidden: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(d, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, d, bias=False)
-        self.w3 = nn.Linear(d, hidden, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 def _swap_experts(experts: nn.Module, seed: int = 0) -> TopKMoE:

@@ -18,20 +18,13 @@ from group_prox.compression.transformer import (
     dead_heads,
 )
 
+from .test_transformer import _randomize
+
 E, H, HD, FF = 16, 4, 4, 32  # d_model, heads, head dim, feed-forward width
 B, L, S = 3, 7, 6  # batch, target length, source length
 
 # torch warns about its own nested-tensor fast path; nothing here is about that.
 pytestmark = pytest.mark.filterwarnings("ignore:.*nested.tensor.*:UserWarning")
-
-
-def _randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random values everywhere (LayerNorms included), so nothing relies on default init."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return module
 
 
 @torch.no_grad()

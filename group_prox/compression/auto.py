@@ -58,7 +58,7 @@ from ..hierarchy.auto import (
 )
 from .plan import CompressionPlan, Op, Side, SliceOp
 from .report import _tensors
-from .surgery import kept_indices
+from .surgery import is_depthwise, kept_indices
 
 __all__ = ["built_by_auto", "example_inputs_of", "plan"]
 
@@ -305,7 +305,7 @@ class _Context:
                 return None
             if role == _OUT and module.groups == 1:
                 return "out"
-            return "out" if role == _CH and _is_depthwise(module) else None
+            return "out" if role == _CH and is_depthwise(module) else None
         if isinstance(module, nn.PReLU) and module.num_parameters == 1:
             return ""  # one slope shared by all channels: nothing to slice
         if isinstance(module, nn.Linear | nn.Embedding | nn.PReLU | _Norm):
@@ -323,10 +323,6 @@ class _Context:
         if name in ("MeanBackward1", "SumBackward1"):
             return not _reduces_channels(node.grad_fn)
         return name in _ZERO_TO_ZERO | _CHANNELWISE | _SUM | {_PRODUCT, _QUOTIENT}
-
-
-def _is_depthwise(conv: _Conv) -> bool:
-    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
 def _reduces_channels(grad_fn: Any) -> bool:
@@ -401,7 +397,7 @@ class _Zeros:
 
     def _zero(self, node: Any) -> bool:
         module, idx = node.module, self.writers[node]
-        if isinstance(module, _Conv) and _is_depthwise(module):
+        if isinstance(module, _Conv) and is_depthwise(module):
             bias_zero = module.bias is None or bool((module.bias[idx] == 0).all())
             return bias_zero and (_slices_zero(module.weight, 0, idx) or self._inputs_zero(node))
         if isinstance(module, _Conv | nn.Linear | nn.Embedding):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["dead_channels", "keep_inputs", "keep_outputs", "kept_indices"]
+__all__ = ["dead_channels", "is_depthwise", "keep_inputs", "keep_outputs", "kept_indices"]
 
 _Conv = nn.modules.conv._ConvNd
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -31,7 +31,8 @@ def _set_tensor(module: nn.Module, name: str, dim: int, keep: Tensor) -> None:
         setattr(module, name, new)
 
 
-def _is_depthwise(conv: _Conv) -> bool:
+def is_depthwise(conv: _Conv) -> bool:
+    """One filter per channel (``groups = in = out``): input channel i is output channel i."""
     return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
@@ -52,10 +53,10 @@ def keep_outputs(module: nn.Module, keep: Sequence[int], name: str = "") -> None
     if isinstance(module, _Conv):
         if module.transposed:
             raise TypeError(f"{where}: transposed convolutions are not sliced.")
-        if module.groups > 1 and not _is_depthwise(module):
+        if module.groups > 1 and not is_depthwise(module):
             raise TypeError(f"{where}: grouped (not depthwise) convolutions are not sliced.")
         idx = _check_keep(keep, module.out_channels, where)
-        if _is_depthwise(module):
+        if is_depthwise(module):
             if len(keep) == module.out_channels:
                 return
             module.in_channels = module.groups = len(keep)
@@ -96,7 +97,7 @@ def keep_inputs(module: nn.Module, keep: Sequence[int], name: str = "") -> None:
     """Keep only input channels ``keep`` of a conv or linear layer (a depthwise conv's inputs are
     its outputs)."""
     where = f"module {name or type(module).__name__!r}"
-    if isinstance(module, _Conv) and _is_depthwise(module):
+    if isinstance(module, _Conv) and is_depthwise(module):
         keep_outputs(module, keep, name)
     elif isinstance(module, _Conv):
         if module.transposed or module.groups > 1:

@@ -481,6 +481,11 @@ class _CompressedLayer(nn.Module):
     _NORMS: Mapping[str, str] = {}
     _TORCH: type[nn.Module] = nn.Module
 
+    def __init__(self, layer: nn.Module, remove: Collection[str] = ()) -> None:
+        """``layer``: a torch layer of kind ``_TORCH`` or an already compressed one."""
+        super().__init__()
+        self._take(layer, remove)
+
     def _take(self, layer: nn.Module, remove: Collection[str]) -> None:
         kind = type(self).__name__
         if not isinstance(layer, self._TORCH | type(self)):
@@ -562,14 +567,6 @@ class CompressedTransformerEncoderLayer(_CompressedLayer):
     _NORMS = {"self_attn": "norm1", "mlp": "norm2"}  # noqa: RUF012
     _TORCH = nn.TransformerEncoderLayer
 
-    def __init__(
-        self,
-        layer: nn.TransformerEncoderLayer | CompressedTransformerEncoderLayer,
-        remove: Collection[str] = (),
-    ) -> None:
-        super().__init__()
-        self._take(layer, remove)
-
     def forward(
         self,
         src: Tensor,
@@ -629,14 +626,6 @@ class CompressedTransformerDecoderLayer(_CompressedLayer):
     _SUBLAYERS = ("self_attn", "multihead_attn", "mlp")
     _NORMS = {"self_attn": "norm1", "multihead_attn": "norm2", "mlp": "norm3"}  # noqa: RUF012
     _TORCH = nn.TransformerDecoderLayer
-
-    def __init__(
-        self,
-        layer: nn.TransformerDecoderLayer | CompressedTransformerDecoderLayer,
-        remove: Collection[str] = (),
-    ) -> None:
-        super().__init__()
-        self._take(layer, remove)
 
     def forward(
         self,
