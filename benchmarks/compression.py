@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from _common import RESULTS, machine
+from _common import RESULTS, load_mnist1d, machine
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -38,22 +38,6 @@ TRANSFORMER_LEVELS = {"low": (0.04, 0.015), "mid": (0.08, 0.03), "high": (0.14, 
 
 
 # ---------------------------------------------------------------- mnist1d transformer
-
-
-def load_mnist1d(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """mnist1d from its offline generator (never the downloader): 4000 + 1000 signals of 40."""
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
-    args.seed = seed
-    d = make_dataset(args)
-    as_t = lambda a, dt: torch.as_tensor(a, dtype=dt)  # noqa: E731
-    return (
-        as_t(d["x"], torch.float32),
-        as_t(d["y"], torch.long),
-        as_t(d["x_test"], torch.float32),
-        as_t(d["y_test"], torch.long),
-    )
 
 
 class SignalTransformer(nn.Module):

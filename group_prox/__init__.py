@@ -13,6 +13,7 @@ from .hierarchy import Hierarchy
 from .optim import ProxAdam, ProxSGD
 from .penalties import L1, GroupDecay, GroupL0, GroupLasso, Penalty, SparseGroupLasso
 from .report import SparsityReport, get_sparsity_report
+from .target import SparsityTarget
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "ProxSGD",
     "SparseGroupLasso",
     "SparsityReport",
+    "SparsityTarget",
     "__version__",
     "compress",
     "compression",

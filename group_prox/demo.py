@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torchvision.models import resnet18
+from torchvision.models.resnet import BasicBlock, ResNet
 from tqdm.auto import tqdm
 
 import group_prox as gp
@@ -24,6 +25,7 @@ __all__ = [
     "digits_resnet18",
     "load_digits_tensors",
     "main",
+    "resnet10",
     "run_demo",
 ]
 
@@ -55,6 +57,34 @@ def digits_resnet18(num_classes: int = 10) -> nn.Module:
     return model
 
 
+def resnet10(width: int = 64, in_channels: int = 3, num_classes: int = 10) -> ResNet:
+    """A torchvision ``ResNet`` with one ``BasicBlock`` per stage and stage widths ``width``·(1, 2,
+    4, 8), for small inputs: a 3×3 stride-1 stem, no max-pooling. Its ``forward`` is torchvision's,
+    so every group_prox builder and compressor treats it as a torchvision ResNet."""
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+    model.inplanes = width
+    model.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
+    model.bn1 = nn.BatchNorm2d(width)
+    model.maxpool = nn.Identity()
+    model.layer1 = model._make_layer(BasicBlock, width, 1)
+    model.layer2 = model._make_layer(BasicBlock, 2 * width, 1, stride=2)
+    model.layer3 = model._make_layer(BasicBlock, 4 * width, 1, stride=2)
+    model.layer4 = model._make_layer(BasicBlock, 8 * width, 1, stride=2)
+    model.fc = nn.Linear(8 * width, num_classes)
+    init_like_torchvision(model)
+    return model
+
+
+def init_like_torchvision(model: nn.Module) -> None:
+    """torchvision's ResNet initialisation: Kaiming-normal convs (fan-out), BatchNorm γ = 1, β = 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 @dataclass
 class DemoResult:
     accuracy: float
@@ -80,9 +110,14 @@ def run_demo(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
+    targets: dict[str, float] | None = None,
 ) -> DemoResult:
     """Train, with group lasso on every filter (``base_level``) and every residual branch
-    (``layer``), and return the test accuracy and the sparsity report."""
+    (``layer``), and return the test accuracy and the sparsity report.
+
+    With ``targets`` (e.g. ``{"base_level": 0.6, "layer": 0.25}``) the λs are not fixed but
+    steered by a :class:`~group_prox.SparsityTarget`: one epoch of warm-up, the fractions reached
+    at 60% of the epochs and held, the zero pattern frozen for the last 20%."""
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = load_digits_tensors(seed)
     model = digits_resnet18()
@@ -93,11 +128,26 @@ def run_demo(
         momentum=0.9,
         weight_decay=0.0,
         hierarchy=hierarchy,
-        penalties={"base_level": gp.GroupLasso(lam_filter), "layer": gp.GroupLasso(lam_layer)},
+        penalties={
+            "base_level": gp.GroupLasso(0.0 if targets else lam_filter),
+            "layer": gp.GroupLasso(0.0 if targets else lam_layer),
+        },
     )
     steps_per_epoch = (len(y_train) + batch_size - 1) // batch_size
+    total_steps = epochs * steps_per_epoch
+    target = (
+        gp.SparsityTarget(
+            opt,
+            targets,
+            warmup_steps=steps_per_epoch,
+            reach_step=max(steps_per_epoch + 1, round(0.6 * total_steps)),
+            freeze_step=max(steps_per_epoch + 1, round(0.8 * total_steps)),
+        )
+        if targets
+        else None
+    )
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
+        opt, max_lr=lr, total_steps=total_steps, pct_start=0.15
     )
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
@@ -112,6 +162,8 @@ def run_demo(
             loss.backward()
             opt.step()
             sched.step()
+            if target is not None:
+                target.step()
         rep = opt.get_sparsity_report()
         bar.set_postfix(
             loss=f"{loss.item():.3f}",
@@ -151,10 +203,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lam-layer", type=float, default=1e-3, help="group lasso λ per residual branch"
     )
+    parser.add_argument(
+        "--target",
+        type=float,
+        nargs=2,
+        metavar=("FILTERS", "BRANCHES"),
+        help="ask for these fractions of zero filters and zero branches (gp.SparsityTarget) "
+        "instead of fixed λs, e.g. --target 0.6 0.25",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    targets = (
+        {"base_level": args.target[0], "layer": args.target[1]} if args.target is not None else None
+    )
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    result = run_demo(args.epochs, args.lr, args.lam_filter, args.lam_layer, seed=args.seed)
+    result = run_demo(
+        args.epochs, args.lr, args.lam_filter, args.lam_layer, seed=args.seed, targets=targets
+    )
     print(f"\ntest accuracy: {result.accuracy:.4f}   training time: {result.seconds:.0f} s\n")
     print(result.report)
     print()

@@ -28,7 +28,15 @@ from torch import Tensor
 from .hierarchy.core import Hierarchy, TensorLayout
 from .penalties import Penalty
 
-__all__ = ["ProxPlan", "atom_sq_norms", "atom_sum", "hierarchical_prox_", "soft_threshold_"]
+__all__ = [
+    "ProxPlan",
+    "atom_sq_norms",
+    "atom_sum",
+    "group_sq_norms",
+    "hierarchical_prox_",
+    "scale_atoms_",
+    "soft_threshold_",
+]
 
 
 @dataclass
@@ -38,7 +46,8 @@ class _LevelPlan:
     atom_group: Tensor  # long[num_atoms], num_groups where an atom is in no group of this level
     in_level: Tensor  # bool[num_atoms]
     group_component: Tensor  # long[num_groups]
-    weights: Tensor  # float64[num_groups], the penalty's w_g
+    weights: Tensor  # float64[num_groups], the penalty's w_g (times any group multiplier)
+    covered: Tensor  # bool[num_groups], the groups the penalty acts on
 
 
 class ProxPlan:
@@ -105,6 +114,8 @@ class ProxPlan:
             group_comp = np.zeros(g, dtype=np.int64)
             group_comp[owner[owner >= 0]] = component[owner >= 0]
             sizes = hierarchy.group_sizes(level)
+            covered = np.zeros(g, dtype=bool)
+            covered[owner[owner >= 0]] = True
             lp = _LevelPlan(
                 name=level,
                 num_groups=g,
@@ -112,6 +123,7 @@ class ProxPlan:
                 in_level=torch.from_numpy(owner >= 0),
                 group_component=torch.from_numpy(group_comp),
                 weights=torch.tensor(penalty.weights(sizes), dtype=torch.float64),
+                covered=torch.from_numpy(covered),
             )
             self.levels.append(lp)
         self.atom_component = torch.from_numpy(component)
@@ -121,7 +133,22 @@ class ProxPlan:
             if any(lay.param.dtype == torch.float64 for lay in self.tensors)
             else torch.float32
         )
+        self._base_weights = [lv.weights.clone() for lv in self.levels]
         self._device_cache: dict[torch.device, ProxPlan._OnDevice] = {}
+
+    def base_weights(self, level: int) -> Tensor:
+        """The penalty's own weights ``w_g`` of level ``level``, without multipliers."""
+        return self._base_weights[level]
+
+    def set_group_multipliers(self, level: int, multipliers: Tensor | None) -> None:
+        """Scale the weights ``w_g`` of level ``level`` (its index in ``self.levels``) by
+        ``multipliers[g] ≥ 0`` (``None``: back to the penalty's own weights). A multiplier of 0
+        exempts a group from the penalty; the prox stays exact for the reweighted penalty."""
+        base = self._base_weights[level]
+        weights = base if multipliers is None else base * multipliers.to("cpu", base.dtype)
+        self.levels[level].weights = weights
+        for dev in self._device_cache.values():
+            dev.weights[level].copy_(weights)
 
     @dataclass
     class _OnDevice:
@@ -274,10 +301,38 @@ def hierarchical_prox_(plan: ProxPlan, component_eta: Tensor) -> None:
         group_scale = pen.group_scale(sq[:-1], eta_group, dev.weights[i])
         scale.mul_(torch.cat([group_scale, one]).index_select(0, owner))
 
+    _multiply_(plan, dev.scale_views)
+
+
+def _multiply_(plan: ProxPlan, views: Sequence[Tensor]) -> None:
     params = [lay.param.detach() for lay in plan.tensors]
-    if all(p.dtype == acc for p in params):
-        torch._foreach_mul_(params, dev.scale_views)
+    if all(p.dtype == views[0].dtype for p in params):
+        torch._foreach_mul_(params, views)
     else:
         # Mixed precisions: the product is formed in the scales' precision and rounded once.
-        for p, s in zip(params, dev.scale_views):
+        for p, s in zip(params, views):
             p.mul_(s)
+
+
+def scale_atoms_(plan: ProxPlan, atom_scale: Tensor) -> None:
+    """Multiply every atom of the plan's hierarchy in place by ``atom_scale[atom]`` (for example a
+    0/1 mask that keeps a pattern of zero groups)."""
+    device = plan.tensors[0].param.device
+    dev = plan.on(device)
+    dev.scale.copy_(atom_scale)
+    _multiply_(plan, dev.scale_views)
+
+
+@torch.no_grad()
+def group_sq_norms(plan: ProxPlan) -> tuple[Tensor, list[Tensor]]:
+    """Atom squared norms (one read of every tensor) and, for each penalised level of the plan, the
+    squared norm of each of its groups (``num_groups`` entries; uncovered groups count 0)."""
+    device = plan.tensors[0].param.device
+    dev = plan.on(device)
+    atom_sq = atom_sq_norms(plan.tensors, plan.acc_dtype).to(device)
+    out = []
+    for i, lp in enumerate(plan.levels):
+        sq = torch.zeros(lp.num_groups + 1, dtype=plan.acc_dtype, device=device)
+        sq.scatter_add_(0, dev.atom_group[i], atom_sq)
+        out.append(sq[:-1])
+    return atom_sq, out

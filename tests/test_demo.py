@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import group_prox as gp
@@ -35,3 +36,11 @@ def test_demo_cli_prints_report(capsys):
     out = capsys.readouterr().out
     assert "test accuracy" in out and "Sparsity report" in out
     assert "Compression report" in out and "latency (batch 64)" in out
+
+
+def test_demo_with_sparsity_targets():
+    result = run_demo(epochs=4, targets={"base_level": 0.5, "layer": 0.25}, progress=False)
+    levels = result.report.levels
+    assert levels["base_level"].group_fraction == pytest.approx(0.5, abs=0.01)
+    assert levels["layer"].zero_groups == 2  # of resnet18's 8 branches
+    assert result.accuracy > 0.9

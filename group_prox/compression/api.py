@@ -89,7 +89,9 @@ def _tolerance(w: Tensor) -> tuple[float, float]:
         return 2e-2, 2e-2 * scale
     if _tf32(w):
         return 5e-3, 5e-3 * scale
-    return 1e-5, 1e-6
+    # Sums over other widths round differently in proportion to the activations, which can be
+    # much larger than the outputs; a removed structure that mattered changes far more.
+    return 1e-4, 1e-5 * scale
 
 
 def compress(

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..hierarchy.core import Hierarchy
-from ..kernels import ProxPlan, hierarchical_prox_
+from ..kernels import ProxPlan, group_sq_norms, hierarchical_prox_, scale_atoms_
 from ..penalties import Penalty
 from ..report import SparsityReport, build_report
 
@@ -51,6 +51,7 @@ class ProxMixin:
             self._hierarchy = None
             self._penalties: Mapping[str, Penalty] = MappingProxyType({})
             self._plan = None
+            self._frozen_keep: Tensor | None = None
             return
         if not isinstance(hierarchy, Hierarchy):
             raise TypeError(
@@ -105,6 +106,8 @@ class ProxMixin:
             list(penalties.items()),
             [group_of[id(lay.param)] for lay in hierarchy.tensors],
         )
+        # 1/0 per atom while the zero pattern is frozen (see freeze_zero_groups), else None.
+        self._frozen_keep = None
         self._check_step_sizes()
 
     # ------------------------------------------------------------------------------------ API
@@ -140,6 +143,48 @@ class ProxMixin:
         params = [p for g in self.param_groups for p in g["params"]]
         return build_report(self._hierarchy, all_params=params)
 
+    @property
+    def frozen(self) -> bool:
+        """Whether the zero pattern is frozen (see :meth:`freeze_zero_groups`)."""
+        return self._frozen_keep is not None
+
+    @torch.no_grad()
+    def freeze_zero_groups(self) -> int:
+        """Freeze the current zero pattern, for a final phase in which the survivors recover.
+
+        From now on every :meth:`step` is the ordinary torch update followed by
+        ``x ← x · m``, where ``m`` is 0 on every group of a penalised level that is exactly zero
+        now and 1 elsewhere: those groups stay exactly zero, and nothing else is shrunk (the
+        penalties are not applied). :meth:`unfreeze` returns to the proximal step. The pattern is
+        part of :meth:`state_dict`.
+
+        Returns:
+            The number of scalars held at zero.
+        """
+        plan = self._require_plan("freeze_zero_groups")
+        atom_sq, level_sq = group_sq_norms(plan)
+        dev = plan.on(atom_sq.device)
+        dead = torch.zeros_like(atom_sq, dtype=torch.bool)
+        for i, (lp, sq) in enumerate(zip(plan.levels, level_sq)):
+            zero_group = torch.cat(
+                [(sq == 0) & lp.covered.to(sq.device), sq.new_zeros(1, dtype=torch.bool)]
+            )
+            dead |= zero_group.index_select(0, dev.atom_group[i])
+        keep = (~dead).to(plan.acc_dtype)
+        self._frozen_keep = keep
+        scale_atoms_(plan, keep)
+        numel = torch.as_tensor(self._hierarchy.atom_numel, device=dead.device)  # type: ignore[union-attr]
+        return int(numel[dead].sum())
+
+    def unfreeze(self) -> None:
+        """Return to the proximal step after :meth:`freeze_zero_groups`."""
+        self._frozen_keep = None
+
+    def _require_plan(self, what: str) -> ProxPlan:
+        if self._plan is None:
+            raise ValueError(f"{type(self).__name__}.{what}: the optimizer has no hierarchy.")
+        return self._plan
+
     # ----------------------------------------------------------------------------- the prox
     def _check_step_sizes(self) -> None:
         plan = self._plan
@@ -173,7 +218,12 @@ class ProxMixin:
     @torch.no_grad()
     def _prox_step(self) -> None:
         plan = self._plan
-        if plan is None or not any(pen.lam > 0 for pen in self._penalties.values()):
+        if plan is None:
+            return
+        if self._frozen_keep is not None:
+            scale_atoms_(plan, self._frozen_keep)
+            return
+        if not any(pen.lam > 0 for pen in self._penalties.values()):
             return
         hierarchical_prox_(plan, self._component_eta(plan))
 
@@ -195,9 +245,11 @@ class ProxMixin:
         self._apply_prox_state(prox_state)
 
     def _prox_state(self) -> dict[str, Any]:
+        keep = self._frozen_keep
         return {
             "penalties": {lv: pen.state_dict() for lv, pen in self._penalties.items()},
             "hierarchy": None if self._hierarchy is None else self._hierarchy.signature(),
+            "frozen": None if keep is None else keep.detach().to("cpu", torch.bool).clone(),
         }
 
     def _check_prox_state(self, state: dict[str, Any] | None) -> None:
@@ -223,6 +275,12 @@ class ProxMixin:
             return
         for lv, pen_state in state.get("penalties", {}).items():
             self._penalties[lv].load_state_dict(pen_state)
+        frozen = state.get("frozen")
+        if frozen is None or self._plan is None:
+            self._frozen_keep = None
+        else:
+            device = self._plan.tensors[0].param.device
+            self._frozen_keep = frozen.to(device, self._plan.acc_dtype)
 
 
 def _describe(sig: Any) -> str:
