@@ -145,7 +145,8 @@ class ProxPlan:
         ``multipliers[g] ≥ 0`` (``None``: back to the penalty's own weights). A multiplier of 0
         exempts a group from the penalty; the prox stays exact for the reweighted penalty."""
         base = self._base_weights[level]
-        weights = base if multipliers is None else base * multipliers.to("cpu", base.dtype)
+        # Always a new tensor: a device buffer may alias the level's weights, never the base.
+        weights = base.clone() if multipliers is None else base * multipliers.to("cpu", base.dtype)
         self.levels[level].weights = weights
         for dev in self._device_cache.values():
             dev.weights[level].copy_(weights)

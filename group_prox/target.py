@@ -223,7 +223,7 @@ class SparsityTarget:
         whether each is exactly zero."""
         plan = self._plan
         _, level_sq = group_sq_norms(plan)
-        eta = self.optimizer._component_eta(plan)
+        eta = self.optimizer._component_eta(plan).cpu()
         out = {}
         for level, i in self._level_index.items():
             if level not in self.targets:
@@ -232,7 +232,7 @@ class SparsityTarget:
             covered = lp.covered.to(level_sq[i].device)
             norm = level_sq[i][covered].sqrt().cpu()
             weights = plan.base_weights(i)[lp.covered].to(norm.dtype)
-            eta_g = eta.cpu().to(norm.dtype)[lp.group_component[lp.covered]]
+            eta_g = eta.to(norm.dtype)[lp.group_component[lp.covered]]
             out[level] = (norm / (weights * self._group_share[level]), eta_g, norm == 0)
         return out
 

@@ -330,3 +330,19 @@ def test_on_cuda(dtype):
     assert rep.levels["layer"].zero_groups == 1
     state = opt.state_dict()
     assert state["group_prox"]["frozen"].device.type == "cpu"
+
+
+def test_group_multipliers_never_overwrite_the_penalty_weights():
+    w = torch.randn(4, 3, dtype=torch.float64)
+    h = gp.Hierarchy({"base_level": [[(w, 0, i)] for i in range(4)]})
+    opt = gp.ProxSGD([w], lr=0.1, hierarchy=h, penalties={"base_level": gp.GroupLasso(0.1)})
+    plan = opt._plan
+    base = plan.base_weights(0).clone()
+    plan.set_group_multipliers(0, None)
+    w.grad = torch.zeros_like(w)
+    opt.step()  # builds the float64 CPU buffers, which may alias the level's weights
+    plan.set_group_multipliers(0, torch.zeros(4, dtype=torch.float64))
+    torch.testing.assert_close(plan.base_weights(0), base, rtol=0, atol=0)
+    before = w.detach().clone()
+    opt.step()
+    torch.testing.assert_close(w.detach(), before, rtol=0, atol=0)  # every group exempt
