@@ -136,6 +136,12 @@ class ProxPlan:
         self._base_weights = [lv.weights.clone() for lv in self.levels]
         self._device_cache: dict[torch.device, ProxPlan._OnDevice] = {}
 
+    def atoms_in(self, level: int, groups: Tensor) -> Tensor:
+        """Whether each atom lies in a group marked in ``groups`` (bool, one per group of level
+        ``level``, its index in ``self.levels``), on ``groups``' device."""
+        marks = torch.cat([groups, groups.new_zeros(1)])  # the trailing "no group" bucket
+        return marks.index_select(0, self.on(groups.device).atom_group[level])
+
     def base_weights(self, level: int) -> Tensor:
         """The penalty's own weights ``w_g`` of level ``level``, without multipliers."""
         return self._base_weights[level]

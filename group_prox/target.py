@@ -218,16 +218,16 @@ class SparsityTarget:
             return
         self._update(self.update_every)
 
-    def _measure(self) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-        """Per targeted level: norms ÷ weights of its covered groups, their prox step sizes, and
-        whether each is exactly zero."""
+    def _measure(self, levels: list[str] | None = None) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """Per targeted level (or per level of ``levels``): norms ÷ weights of its covered groups,
+        their prox step sizes, and whether each is exactly zero."""
+        levels = list(self.targets) if levels is None else levels
         plan = self._plan
         _, level_sq = group_sq_norms(plan)
         eta = self.optimizer._component_eta(plan).cpu()
         out = {}
-        for level, i in self._level_index.items():
-            if level not in self.targets:
-                continue
+        for level in levels:
+            i = self._level_index[level]
             lp = plan.levels[i]
             covered = lp.covered.to(level_sq[i].device)
             norm = level_sq[i][covered].sqrt().cpu()
@@ -339,7 +339,8 @@ class SparsityTarget:
         plan = self._plan
         device = plan.tensors[0].param.device
         for level in sorted(self.targets, key=self._level_index.__getitem__, reverse=True):
-            rel_norm, _, zero = self._measure()[level]
+            # Measured again per level: a zero branch has zeroed filters of the finer level.
+            rel_norm, _, zero = self._measure([level])[level]
             have = int(zero.sum())
             short = round(self.targets[level] * zero.numel()) - have
             if short <= 0:
@@ -348,11 +349,9 @@ class SparsityTarget:
                 have : have + short
             ]
             i = self._level_index[level]
-            lp = plan.levels[i]
-            dead = torch.zeros(lp.num_groups + 1, dtype=torch.bool)
-            dead[torch.nonzero(lp.covered).flatten()[doomed]] = True
-            atom_dead = dead.to(device).index_select(0, plan.on(device).atom_group[i])
-            scale_atoms_(plan, (~atom_dead).to(plan.acc_dtype))
+            dead = torch.zeros(plan.levels[i].num_groups, dtype=torch.bool)
+            dead[torch.nonzero(plan.levels[i].covered).flatten()[doomed]] = True
+            scale_atoms_(plan, (~plan.atoms_in(i, dead.to(device))).to(plan.acc_dtype))
 
     def _set_lams(self, value: float) -> None:
         for level in self.targets:

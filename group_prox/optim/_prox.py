@@ -163,13 +163,9 @@ class ProxMixin:
         """
         plan = self._require_plan("freeze_zero_groups")
         atom_sq, level_sq = group_sq_norms(plan)
-        dev = plan.on(atom_sq.device)
         dead = torch.zeros_like(atom_sq, dtype=torch.bool)
         for i, (lp, sq) in enumerate(zip(plan.levels, level_sq)):
-            zero_group = torch.cat(
-                [(sq == 0) & lp.covered.to(sq.device), sq.new_zeros(1, dtype=torch.bool)]
-            )
-            dead |= zero_group.index_select(0, dev.atom_group[i])
+            dead |= plan.atoms_in(i, (sq == 0) & lp.covered.to(sq.device))
         keep = (~dead).to(plan.acc_dtype)
         self._frozen_keep = keep
         scale_atoms_(plan, keep)
