@@ -30,6 +30,7 @@ contributed nothing) are rejected.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,7 +141,7 @@ def _visit(
         raise ValueError(f"{where}: type {node.get('type')!r} is not one of {list(_TYPES)}.")
     levels = _levels(node.get("groups"), where, hierarchy)
     lam = node.get("lambda", 0.0)
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
         raise TypeError(f"{where}: lambda must be a number, got {lam!r}.")
     if not math.isfinite(lam) or lam < 0:
         raise ValueError(f"{where}: lambda must be finite and >= 0, got {lam!r}.")
@@ -195,6 +196,11 @@ def _visit(
         _add(slots, GLOBAL, None, penalty_kind, float(lam), where)
         return
     if not levels:
+        if within is None and not hierarchy.level_names:
+            raise ValueError(
+                f"{where}: the hierarchy has no levels, so there is no finest level to penalise; "
+                "build the hierarchy with levels, or use type 'global' with groups=None."
+            )
         levels = [within if within is not None else hierarchy.level_names[0]]
     for level in levels:
         if within is not None:
@@ -217,7 +223,15 @@ def _levels(groups: Any, where: str, hierarchy: Hierarchy) -> list[str]:
         return []
     names = [groups] if isinstance(groups, str) else groups
     if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
-        raise TypeError(f"{where}: groups must be None, a level name or a list of level names.")
+        raise TypeError(
+            f"{where}: groups must be None, a level name or a list of level names, "
+            f"got {_quote(groups)}."
+        )
+    if not names:
+        raise ValueError(
+            f"{where}: groups is an empty list; give a level name, a list of level names, or "
+            "None (the container's level, else the finest level)."
+        )
     out = []
     for name in names:
         if name in hierarchy.level_names:

@@ -14,6 +14,11 @@ For group lasso and L1 levels on a tree this computes the exact prox of the sum 
 Jenatton et al. (JMLR 2011, Proximal methods for hierarchical sparse coding) it is the
 composition of the per-group proxes from the leaves to the root, elementwise penalties being the
 leaves. No Python loop runs over groups or filters: only over tensors and levels.
+
+Sharded parameters (FSDP2, ``DTensor``): step 2 reads each rank's shard into a global atom vector
+of partial sums of squares and all-reduces it, the only collective of the step; step 3 then runs
+identically on every rank, and steps 1 and 4 act on each rank's own shard (see
+:mod:`group_prox.distributed`).
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .distributed import Sharding, sharding_of
 from .hierarchy.core import Hierarchy, TensorLayout
 from .penalties import Penalty
 
 __all__ = [
+    "NonFiniteAtoms",
     "ProxPlan",
     "atom_sq_norms",
     "atom_sum",
@@ -57,6 +64,9 @@ class ProxPlan:
     hierarchy. A *component* is a tree of penalised groups: the coarsest penalised group around an
     atom. The prox step size must be one number per component; ``linked_param_groups`` lists the
     sets of param groups that some component spans, whose learning rates must therefore be equal.
+
+    ``sharding`` is the :class:`~group_prox.distributed.Sharding` of the tensors when they are
+    ``DTensor``s (FSDP2), decided here once, else ``None``.
     """
 
     def __init__(
@@ -134,6 +144,7 @@ class ProxPlan:
             else torch.float32
         )
         self._base_weights = [lv.weights.clone() for lv in self.levels]
+        self.sharding: Sharding | None = sharding_of(self.tensors)
         self._device_cache: dict[torch.device, ProxPlan._OnDevice] = {}
 
     def atoms_in(self, level: int, groups: Tensor) -> Tensor:
@@ -165,7 +176,8 @@ class ProxPlan:
         weights: list[Tensor]
         atom_component: Tensor
         # Buffers reused at every step, with their per-tensor views made once: building 100+
-        # views per step costs more than the arithmetic on the atom vectors.
+        # views per step costs more than the arithmetic on the atom vectors. Sharded, a tensor's
+        # view covers only the atoms of its local shard.
         atom_sq: Tensor
         scale: Tensor
         scale_views: list[Tensor]
@@ -188,7 +200,9 @@ class ProxPlan:
                 scale=scale,
                 scale_views=[
                     scale[a:b].view(lay.atom_shape) for (a, b), lay in zip(spans, self.tensors)
-                ],
+                ]
+                if self.sharding is None
+                else [self.sharding.atom_view(i, scale) for i in range(len(self.tensors))],
             )
             self._device_cache[device] = cached
         return cached
@@ -212,11 +226,18 @@ def _penalised_owner(hierarchy: Hierarchy, level: str, penalty: Penalty) -> np.n
 
 
 def atom_sq_norms(
-    tensors: Sequence[TensorLayout], acc_dtype: torch.dtype, out: Tensor | None = None
+    tensors: Sequence[TensorLayout],
+    acc_dtype: torch.dtype,
+    out: Tensor | None = None,
+    sharding: Sharding | None = None,
 ) -> Tensor:
     """Squared Euclidean norm of every atom in atom order, one read per tensor.
 
-    ``out`` (optional) is a buffer of one entry per atom to write them into."""
+    ``out`` (optional) is a buffer of one entry per atom to write them into. With ``sharding`` (the
+    tensors are ``DTensor``s) the norms are those of the global atoms, the same on every rank: each
+    rank's partial sums of squares, added up by one all-reduce."""
+    if sharding is not None:
+        return sharding.atom_sq_norms(acc_dtype, out)
     if out is None:
         out = torch.empty(
             sum(lay.num_atoms for lay in tensors), dtype=acc_dtype, device=tensors[0].param.device
@@ -245,7 +266,10 @@ def atom_sq_norms(
 
 
 def atom_sum(lay: TensorLayout, x: Tensor) -> Tensor:
-    """Sum of ``x`` (shaped like ``lay.param``) over each atom of ``lay``: shape ``(num_atoms,)``."""
+    """Sum of ``x`` (shaped like ``lay.param``) over each atom of ``lay``: shape ``(num_atoms,)``.
+
+    For sharded tensors use :meth:`~group_prox.distributed.Sharding.add_atom_sums_` on the local
+    shards and one :meth:`~group_prox.distributed.Sharding.all_reduce_` for all tensors."""
     if not lay.dims:
         return x.sum().reshape(1)
     if not lay.reduce_dims:
@@ -253,24 +277,45 @@ def atom_sum(lay: TensorLayout, x: Tensor) -> Tensor:
     return x.sum(dim=lay.reduce_dims).reshape(-1)
 
 
-def soft_threshold_(tensors: Sequence[TensorLayout], thresholds: Tensor) -> None:
-    """``x ← sign(x)·max(0, |x| − τ)`` in place, with one threshold ``τ`` per atom."""
+def soft_threshold_(
+    tensors: Sequence[TensorLayout], thresholds: Tensor, sharding: Sharding | None = None
+) -> None:
+    """``x ← sign(x)·max(0, |x| − τ)`` in place, with one threshold ``τ`` per atom (with
+    ``sharding``, on each rank's shard: elementwise, it needs nothing from the other ranks)."""
+    if sharding is not None:
+        sharding.soft_threshold_(thresholds)
+        return
     for lay in tensors:
         tau = thresholds[lay.offset : lay.offset + lay.num_atoms]
-        # On the CPU a check is free and saves a pass; on an accelerator it would synchronise.
-        if tau.device.type == "cpu" and not bool(tau.any()):
+        # On the CPU a check is free and saves a pass; on an accelerator it would synchronise,
+        # and under torch.compile it would break the graph.
+        if tau.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(tau.any()):
             continue
         p = lay.param.detach()
         shrunk = (p.abs() - tau.view(lay.atom_shape)).clamp_(min=0)
         p.copy_(shrunk.mul_(p.sign()))
 
 
-def hierarchical_prox_(plan: ProxPlan, component_eta: Tensor) -> None:
+class NonFiniteAtoms(FloatingPointError):
+    """Raised by :func:`hierarchical_prox_` before it scales anything when an atom's norm is NaN or
+    infinite: one NaN would make every group around it NaN. ``tensor`` is the index, in the plan,
+    of the first tensor holding such an atom."""
+
+    def __init__(self, tensor: int) -> None:
+        super().__init__(f"tensor {tensor} of the hierarchy holds NaN or infinite values")
+        self.tensor = tensor
+
+
+def hierarchical_prox_(
+    plan: ProxPlan, component_eta: Tensor, *, check_finite: bool = False
+) -> None:
     """Apply the prox of the plan's penalties in place, with step size ``component_eta[c]`` on
     component ``c`` (``component_eta`` has one extra trailing entry for unpenalised atoms).
 
     Levels whose λ is 0 are skipped, and nothing is read or written when every λ is 0, so that the
-    optimizers reduce exactly to their ``torch.optim`` counterparts.
+    optimizers reduce exactly to their ``torch.optim`` counterparts. With ``check_finite`` the atom
+    norms (read anyway) are checked before any group is scaled, and :class:`NonFiniteAtoms` is
+    raised if one is not finite; the elementwise L1 part, applied before, cannot spread a NaN.
     """
     active = [
         (i, pen)
@@ -290,12 +335,14 @@ def hierarchical_prox_(plan: ProxPlan, component_eta: Tensor) -> None:
         tau = torch.zeros(eta_atom.shape, dtype=acc, device=device)
         for i, coef in l1:
             tau += torch.where(dev.in_level[i], eta_atom * coef, 0.0)
-        soft_threshold_(plan.tensors, tau)
+        soft_threshold_(plan.tensors, tau, plan.sharding)
 
     grouped = [(i, pen) for i, pen in active if pen.has_group_part]
     if not grouped:
         return
-    atom_sq = atom_sq_norms(plan.tensors, acc, out=dev.atom_sq)
+    atom_sq = atom_sq_norms(plan.tensors, acc, out=dev.atom_sq, sharding=plan.sharding)
+    if check_finite:
+        _check_finite_atoms(plan, atom_sq)
     scale = dev.scale.fill_(1.0)
     one = torch.ones(1, dtype=acc, device=device)
     for k, (i, pen) in enumerate(sorted(grouped, key=lambda item: item[1].order == "last")):
@@ -311,8 +358,21 @@ def hierarchical_prox_(plan: ProxPlan, component_eta: Tensor) -> None:
     _multiply_(plan, dev.scale_views)
 
 
+def _check_finite_atoms(plan: ProxPlan, atom_sq: Tensor) -> None:
+    finite = torch.isfinite(atom_sq)
+    if bool(finite.all()):
+        return
+    atom = int(torch.nonzero(~finite)[0])
+    offsets = [lay.offset for lay in plan.tensors]
+    raise NonFiniteAtoms(int(np.searchsorted(offsets, atom, side="right")) - 1)
+
+
 def _multiply_(plan: ProxPlan, views: Sequence[Tensor]) -> None:
-    params = [lay.param.detach() for lay in plan.tensors]
+    # Sharded, ``views`` are the plan's views of the local boxes (see ProxPlan.on).
+    if plan.sharding is None:
+        params = [lay.param.detach() for lay in plan.tensors]
+    else:
+        params = plan.sharding.local_tensors()
     if all(p.dtype == views[0].dtype for p in params):
         torch._foreach_mul_(params, views)
     else:
@@ -336,7 +396,7 @@ def group_sq_norms(plan: ProxPlan) -> tuple[Tensor, list[Tensor]]:
     squared norm of each of its groups (``num_groups`` entries; uncovered groups count 0)."""
     device = plan.tensors[0].param.device
     dev = plan.on(device)
-    atom_sq = atom_sq_norms(plan.tensors, plan.acc_dtype).to(device)
+    atom_sq = atom_sq_norms(plan.tensors, plan.acc_dtype, sharding=plan.sharding).to(device)
     out = []
     for i, lp in enumerate(plan.levels):
         sq = torch.zeros(lp.num_groups + 1, dtype=plan.acc_dtype, device=device)

@@ -24,8 +24,9 @@ Group weights ``w_g`` (``weight=``) follow the usual convention of the group las
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Sequence
-from typing import Literal
+import numbers
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -45,26 +46,52 @@ WeightSpec = Literal["sqrt_size", "size"] | float | Callable[[int], float]
 _ACC_DTYPE = torch.float64
 
 
+def _check_real(value: object, owner: str, name: str) -> float:
+    """``value`` as a float: a real number (numpy's included) or a 0-dim real tensor, so that a
+    scheduler's tensor can be assigned directly."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(
+                f"{owner}: {name} must be a real number or a 0-dim real tensor, got a tensor of "
+                f"shape {tuple(value.shape)} and dtype {value.dtype}."
+            )
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{owner}: {name} must be a real number, got {type(value).__name__} {value!r}."
+        )
+    return float(value)
+
+
 def _check_lam(lam: object, owner: str) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-        raise TypeError(f"{owner}: lam must be a real number, got {type(lam).__name__} {lam!r}.")
-    lam = float(lam)
-    if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"{owner}: lam must be finite and >= 0, got {lam!r}.")
-    return lam
+    value = _check_real(lam, owner, "lam")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{owner}: lam must be finite and >= 0, got {value!r}.")
+    return value
+
+
+def _check_l1_ratio(l1_ratio: object, owner: str) -> float:
+    value = _check_real(l1_ratio, owner, "l1_ratio")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{owner}: l1_ratio must be in [0, 1], got {value!r}.")
+    return value
 
 
 def _check_weight(weight: object, owner: str) -> WeightSpec:
-    if weight in ("sqrt_size", "size") or callable(weight):
+    if isinstance(weight, str):
+        if weight in ("sqrt_size", "size"):
+            return weight  # type: ignore[return-value]
+    elif callable(weight):
         return weight  # type: ignore[return-value]
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise TypeError(
-            f"{owner}: weight must be 'sqrt_size', 'size', a non-negative number or a callable "
-            f"taking the group size, got {weight!r}."
-        )
-    if not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"{owner}: a numeric weight must be finite and >= 0, got {weight!r}.")
-    return float(weight)
+    elif not isinstance(weight, bool) and isinstance(weight, numbers.Real):
+        value = float(weight)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{owner}: a numeric weight must be finite and >= 0, got {value!r}.")
+        return value
+    raise TypeError(
+        f"{owner}: weight must be 'sqrt_size', 'size', a non-negative number or a callable "
+        f"taking the group size, got {weight!r}."
+    )
 
 
 def _check_groups(groups: object, owner: str) -> frozenset[str] | None:
@@ -72,11 +99,16 @@ def _check_groups(groups: object, owner: str) -> frozenset[str] | None:
         return None
     if isinstance(groups, str) or not isinstance(groups, Collection):
         raise TypeError(
-            f"{owner}: groups must be a collection of group names or None, got {groups!r}."
+            f"{owner}: groups must be a collection of group names or None, got {groups!r}; "
+            "for one group write groups=[name]."
         )
     names = frozenset(groups)
-    if not all(isinstance(n, str) for n in names):
-        raise TypeError(f"{owner}: groups must hold group names (strings).")
+    odd = [n for n in names if not isinstance(n, str)]
+    if odd:
+        raise TypeError(
+            f"{owner}: groups must hold group names (strings), got {odd[0]!r} "
+            f"({type(odd[0]).__name__})."
+        )
     return names
 
 
@@ -100,6 +132,10 @@ def _flat_group(group: Sequence[Tensor]) -> Tensor:
 
 class Penalty:
     """Base class: a penalty ``Ω`` on the groups of one level, scaled by ``lam`` (λ).
+
+    ``lam`` is a finite real number >= 0; a 0-dim real tensor is read as its value. It may be
+    changed between steps; an invalid value is refused with a ``TypeError`` or ``ValueError`` and
+    the old one kept.
 
     Subclasses define
 
@@ -165,8 +201,28 @@ class Penalty:
     def state_dict(self) -> dict[str, float]:
         return {"lam": self.lam}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.lam = state["lam"]
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict`; a bad one is refused before anything changes."""
+        for key, value in self._parse_state(state).items():
+            setattr(self, key, value)
+
+    def _parse_state(self, state: object) -> dict[str, float]:
+        """The checked values of a :meth:`state_dict`, so that a caller can refuse it before
+        loading anything."""
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"{self._name}.load_state_dict: expected a mapping such as {self.state_dict()!r}, "
+                f"got {type(state).__name__}."
+            )
+        if "lam" not in state:
+            raise ValueError(
+                f"{self._name}.load_state_dict: the state has no 'lam' (keys: {sorted(state)})."
+            )
+        return {"lam": _check_lam(state["lam"], self._name)}
+
+    def _validate(self) -> None:
+        """Check the fields again: they may have been set without the setters (``_lam``)."""
+        _check_lam(self._lam, self._name)
 
     def _extra_repr(self) -> str:
         return ""
@@ -255,12 +311,16 @@ class SparseGroupLasso(Penalty):
         *,
         groups: Collection[str] | None = None,
     ) -> None:
-        if isinstance(l1_ratio, bool) or not isinstance(l1_ratio, (int, float)):
-            raise TypeError(f"SparseGroupLasso: l1_ratio must be a number, got {l1_ratio!r}.")
-        if not 0.0 <= float(l1_ratio) <= 1.0:
-            raise ValueError(f"SparseGroupLasso: l1_ratio must be in [0, 1], got {l1_ratio!r}.")
-        self.l1_ratio = float(l1_ratio)
+        self.l1_ratio = l1_ratio
         super().__init__(lam, weight, groups=groups)
+
+    @property
+    def l1_ratio(self) -> float:
+        return self._l1_ratio
+
+    @l1_ratio.setter
+    def l1_ratio(self, value: float) -> None:
+        self._l1_ratio = _check_l1_ratio(value, "SparseGroupLasso")
 
     @property
     def l1_part(self) -> float:
@@ -285,9 +345,16 @@ class SparseGroupLasso(Penalty):
     def state_dict(self) -> dict[str, float]:
         return {"lam": self.lam, "l1_ratio": self.l1_ratio}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.lam = state["lam"]
-        self.l1_ratio = float(state.get("l1_ratio", self.l1_ratio))
+    def _parse_state(self, state: object) -> dict[str, float]:
+        parsed = super()._parse_state(state)
+        assert isinstance(state, Mapping)  # checked by the base class
+        if "l1_ratio" in state:
+            parsed["l1_ratio"] = _check_l1_ratio(state["l1_ratio"], self._name)
+        return parsed
+
+    def _validate(self) -> None:
+        super()._validate()
+        _check_l1_ratio(self._l1_ratio, self._name)
 
     def _extra_repr(self) -> str:
         return f"l1_ratio={self.l1_ratio:g}"

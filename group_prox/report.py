@@ -6,13 +6,18 @@ import itertools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .distributed import Sharding, local_count, process_group
 from .hierarchy.core import Hierarchy
 from .kernels import atom_sum
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["LevelSparsity", "SparsityReport", "TensorSparsity", "get_sparsity_report"]
 
@@ -174,23 +179,29 @@ def build_report(hierarchy: Hierarchy, all_params: Iterable[Tensor]) -> Sparsity
     for lay in hierarchy.tensors:
         unique.setdefault(id(lay.param), lay.param)
     total = sum(p.numel() for p in unique.values())
-    zero = sum(int((p.detach() == 0).sum()) for p in unique.values())
+    group = process_group(unique.values())
+    if group is None:
+        zero = sum(int((p.detach() == 0).sum()) for p in unique.values())
+        masks = [
+            (atom_sum(lay, lay.param.detach() != 0) == 0).cpu().numpy() for lay in hierarchy.tensors
+        ]
+        zero_numel = [int((lay.param.detach() == 0).sum()) for lay in hierarchy.tensors]
+    else:
+        zero, masks, zero_numel = _sharded_counts(hierarchy, list(unique.values()), group)
 
     atom_zero_parts, tensors = [], []
-    for lay in hierarchy.tensors:
-        p = lay.param.detach()
-        mask_np = (atom_sum(lay, p != 0) == 0).cpu().numpy()
+    for lay, mask_np, zeros in zip(hierarchy.tensors, masks, zero_numel):
         atom_zero_parts.append(mask_np)
         tensors.append(
             TensorSparsity(
                 name=lay.name,
                 module=lay.module_name,
-                shape=list(p.shape),
+                shape=list(lay.param.shape),
                 dims=list(lay.dims),
                 units=lay.num_atoms,
                 zero_units=int(mask_np.sum()),
-                numel=p.numel(),
-                zero_numel=int((p == 0).sum()),
+                numel=lay.param.numel(),
+                zero_numel=zeros,
                 zero_mask=mask_np.tolist(),
             )
         )
@@ -206,7 +217,8 @@ def build_report(hierarchy: Hierarchy, all_params: Iterable[Tensor]) -> Sparsity
         alive_atoms = np.bincount(owner[member], weights=~atom_zero[member], minlength=g)
         group_zero = alive_atoms == 0
         sizes = np.bincount(owner[member], weights=numel[member], minlength=g).astype(np.int64)
-        in_zero_group |= member & group_zero[np.where(member, owner, 0)]
+        # owner -1 (no group) picks the appended False; a level may have no group at all.
+        in_zero_group |= np.append(group_zero, False)[owner]
         names = list(hierarchy.group_names(name))
         levels[name] = LevelSparsity(
             groups=g,
@@ -225,6 +237,32 @@ def build_report(hierarchy: Hierarchy, all_params: Iterable[Tensor]) -> Sparsity
     )
 
 
+def _sharded_counts(
+    hierarchy: Hierarchy, params: list[Tensor], group: ProcessGroup
+) -> tuple[int, list[np.ndarray], list[int]]:
+    """Zero counts of sharded parameters (FSDP2), the same on every rank: the number of nonzero
+    scalars of each atom and of zero scalars of every parameter, each rank counting its shards (a
+    replica only once), added up by one all-reduce. Returns the total zero count, each tensor's
+    zero-atom mask and each tensor's zero count."""
+    sharding = Sharding(hierarchy.tensors, group)
+    n = hierarchy.num_atoms
+    # Counts are exact in float64 up to 2⁵³ scalars, and every backend reduces float64.
+    counts = torch.zeros(n + len(params), dtype=torch.float64, device=sharding.device)
+    for i in range(len(hierarchy.tensors)):
+        sharding.add_atom_sums_(counts, i, (sharding.local(i) != 0).to(torch.float64))
+    for k, p in enumerate(params):
+        local, counted = local_count(p, group)
+        if counted:
+            counts[n + k] = (local == 0).sum().to(torch.float64)
+    counts = sharding.all_reduce_(counts).cpu().to(torch.int64).numpy()
+    masks, zero_numel = [], []
+    for lay in hierarchy.tensors:
+        nonzero = counts[lay.offset : lay.offset + lay.num_atoms]
+        masks.append(nonzero == 0)
+        zero_numel.append(int(lay.param.numel() - nonzero.sum()))
+    return int(counts[n:].sum()), masks, zero_numel
+
+
 def get_sparsity_report(model: nn.Module, hierarchy: Hierarchy) -> SparsityReport:
     """The :class:`SparsityReport` of ``model`` for the groups of ``hierarchy``."""
     if not isinstance(model, nn.Module):
@@ -233,4 +271,14 @@ def get_sparsity_report(model: nn.Module, hierarchy: Hierarchy) -> SparsityRepor
         raise TypeError(
             f"hierarchy must be a group_prox.Hierarchy, got {type(hierarchy).__name__}."
         )
-    return build_report(hierarchy, model.parameters())
+    params = list(model.parameters())
+    own = {id(p) for p in params}
+    # Counting another model's tensors would report a sparsity that neither model has.
+    foreign = [lay.name for lay in hierarchy.tensors if id(lay.param) not in own]
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise ValueError(
+            f"get_sparsity_report(): the hierarchy holds parameters that are not parameters of "
+            f"model: {', '.join(foreign[:3])}{more}. Build the hierarchy from this model."
+        )
+    return build_report(hierarchy, params)

@@ -11,6 +11,7 @@ phase with the zero pattern frozen while the surviving weights recover.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ from torch import Tensor
 from .kernels import ProxPlan, group_sq_norms, scale_atoms_
 from .optim import ProxAdam, ProxSGD
 from .optim._prox import ProxMixin
-from .penalties import GroupLasso, Penalty, SparseGroupLasso
+from .penalties import GroupLasso, Penalty, SparseGroupLasso, _check_lam
 
 __all__ = ["SparsityTarget"]
 
@@ -134,6 +135,10 @@ class SparsityTarget:
         if freeze_step is not None:
             freeze_step = _check_int("freeze_step", freeze_step, self.reach_step)
         self.freeze_step = freeze_step
+        if not isinstance(ramp, str):
+            raise TypeError(
+                f"SparsityTarget: ramp must be one of {_RAMPS}, got {type(ramp).__name__}."
+            )
         if ramp not in _RAMPS:
             raise ValueError(f"SparsityTarget: ramp must be one of {_RAMPS}, got {ramp!r}.")
         self.ramp = ramp
@@ -149,14 +154,16 @@ class SparsityTarget:
         self.lookahead = (
             max(1, ramp_steps // 10) if lookahead is None else _check_int("lookahead", lookahead, 0)
         )
-        if isinstance(spread, bool) or not isinstance(spread, (int, float)):
+        if isinstance(spread, bool) or not isinstance(spread, numbers.Real):
             raise TypeError(
                 f"SparsityTarget: spread must be a number, got {type(spread).__name__}."
             )
         if not 0.0 <= spread <= 1.0:
             raise ValueError(f"SparsityTarget: spread must be in [0, 1], got {spread}.")
         self.spread = float(spread)
-        self.snap = bool(snap)
+        if not isinstance(snap, bool):
+            raise TypeError(f"SparsityTarget: snap must be True or False, got {snap!r}.")
+        self.snap = snap
         plan = optimizer._plan
         assert plan is not None  # checked in _check_targets
         self._plan = plan
@@ -380,24 +387,79 @@ class SparsityTarget:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load a :meth:`state_dict`. One saved with other targets or steps is refused before
-        anything changes. Load the optimizer's state dict as well: it holds the frozen pattern."""
-        saved, mine = state.get("settings"), self._settings()
+        """Load a :meth:`state_dict`. One saved with other targets or steps, or a damaged one, is
+        refused before anything changes. Load the optimizer's state dict as well: it holds the
+        frozen pattern."""
+        owner = "SparsityTarget.load_state_dict"
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"{owner}: expected the dict returned by SparsityTarget.state_dict(), "
+                f"got {type(state).__name__}."
+            )
+        keys = ("step_count", "lam", "zero_fraction", "selected", "family_ref", "settings")
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(
+                f"{owner}: the state has no {', '.join(map(repr, missing))}; pass the dict "
+                "returned by SparsityTarget.state_dict()."
+            )
+        saved, mine = state["settings"], self._settings()
         if saved != mine:
             raise ValueError(
-                f"SparsityTarget.load_state_dict: the checkpoint was saved with {saved!r}, this "
-                f"controller has {mine!r}; build it with the same settings."
+                f"{owner}: the checkpoint was saved with {saved!r}, this controller has {mine!r}; "
+                "build it with the same settings."
             )
-        self.step_count = int(state["step_count"])
-        self.lam = dict(state["lam"])
-        self.zero_fraction = dict(state["zero_fraction"])
-        self._family_ref = {lv: ref.clone() for lv, ref in state["family_ref"].items()}
+        step_count = state["step_count"]
+        if isinstance(step_count, bool) or not isinstance(step_count, numbers.Integral):
+            raise TypeError(f"{owner}: step_count must be an int, got {step_count!r}.")
+        if step_count < 0:
+            raise ValueError(f"{owner}: step_count must be an int >= 0, got {step_count!r}.")
+        lam = _check_per_level(owner, "lam", state["lam"], self.targets, exact=True)
+        for level, value in lam.items():
+            if value is not None:
+                # The penalty's own check, so that loading cannot fail half-way.
+                lam[level] = _check_lam(value, f"{owner}: lam of level {level!r}")
+        fractions = _check_per_level(
+            owner, "zero_fraction", state["zero_fraction"], self.targets, exact=True
+        )
+        for level, frac in fractions.items():
+            if isinstance(frac, bool) or not isinstance(frac, numbers.Real):
+                raise TypeError(
+                    f"{owner}: zero_fraction of level {level!r} must be a number, got {frac!r}."
+                )
+            if not 0 <= frac <= 1:
+                raise ValueError(
+                    f"{owner}: zero_fraction of level {level!r} must be a number in [0, 1], "
+                    f"got {frac!r}."
+                )
+        selected = _check_per_level(owner, "selected", state["selected"], self.targets)
+        for level, sel in selected.items():
+            n = int(self._plan.levels[self._level_index[level]].covered.sum())
+            if not isinstance(sel, Tensor) or sel.dtype != torch.bool or sel.shape != (n,):
+                raise (ValueError if isinstance(sel, Tensor) else TypeError)(
+                    f"{owner}: the selected groups of level {level!r} must be a bool tensor of "
+                    f"{n} entries (one per group its penalty covers), got {_describe(sel)}."
+                )
+        family_ref = _check_per_level(owner, "family_ref", state["family_ref"], self.targets)
+        for level, ref in family_ref.items():
+            family = self._families[level]
+            n = 0 if family is None else int(family.max()) + 1
+            if not isinstance(ref, Tensor) or not ref.is_floating_point() or ref.shape != (n,):
+                raise (ValueError if isinstance(ref, Tensor) else TypeError)(
+                    f"{owner}: the family scales of level {level!r} must be a float tensor of "
+                    f"{n} entries (one per tensor its groups start in), got {_describe(ref)}."
+                )
+
+        self.step_count = int(step_count)
+        self.lam = lam
+        self.zero_fraction = {lv: float(f) for lv, f in fractions.items()}
+        self._family_ref = {lv: ref.clone() for lv, ref in family_ref.items()}
         self.selected = {}
-        for level, sel in state["selected"].items():
+        for level, sel in selected.items():
             self._select(level, sel.clone())
-        for level, lam in self.lam.items():
+        for level, value in self.lam.items():
             self.optimizer.penalties[level].lam = (
-                0.0 if lam is None or self.optimizer.frozen else lam
+                0.0 if value is None or self.optimizer.frozen else value
             )
 
     def __repr__(self) -> str:
@@ -422,16 +484,38 @@ def _families(plan: ProxPlan, level: int) -> Tensor | None:
     return torch.from_numpy(np.unique(tensor_of, return_inverse=True)[1].reshape(-1))
 
 
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _check_per_level(
+    owner: str, key: str, value: object, targets: Mapping[str, float], exact: bool = False
+) -> dict[str, Any]:
+    """``value`` as a dict over the targeted levels: all of them if ``exact``, else some."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{owner}: {key} must be a dict {{level: ...}}, got {_describe(value)}.")
+    unknown = [lv for lv in value if lv not in targets]
+    absent = [lv for lv in targets if lv not in value] if exact else []
+    if unknown or absent:
+        raise ValueError(
+            f"{owner}: {key} is given for the levels {list(value)}, this controller targets "
+            f"{list(targets)}."
+        )
+    return dict(value)
+
+
 def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"SparsityTarget: {name} must be an int, got {type(value).__name__}.")
     if value < minimum:
         raise ValueError(f"SparsityTarget: {name} must be at least {minimum}, got {value}.")
-    return value
+    return int(value)
 
 
 def _check_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"SparsityTarget: {name} must be a number, got {type(value).__name__}.")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"SparsityTarget: {name} must be positive and finite, got {value}.")
@@ -446,6 +530,12 @@ def _check_targets(optimizer: object, targets: object) -> dict[str, float]:
         )
     if optimizer.hierarchy is None:
         raise ValueError("SparsityTarget: the optimizer has no hierarchy= to target.")
+    if not optimizer.hierarchy.tensors:
+        raise ValueError(
+            "SparsityTarget: the optimizer's hierarchy holds no parameter, so no group can be "
+            "made zero. Check how it was built (a builder finds no group in a model it does not "
+            "recognise)."
+        )
     if not isinstance(targets, Mapping) or not targets:
         raise TypeError(
             "SparsityTarget: targets must be a non-empty mapping {level: fraction of zero groups}, "
@@ -466,7 +556,7 @@ def _check_targets(optimizer: object, targets: object) -> dict[str, float]:
                 f"{type(pen).__name__ if pen is not None else 'none'}: pass "
                 f"penalties={{{level!r}: group_prox.GroupLasso(0.0), ...}}."
             )
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)):
+        if isinstance(frac, bool) or not isinstance(frac, numbers.Real):
             raise TypeError(
                 f"SparsityTarget: the target of level {level!r} must be a number, "
                 f"got {type(frac).__name__}."

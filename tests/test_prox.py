@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -130,23 +129,6 @@ def test_nested_levels_zero_whole_tree():
     report = opt.get_sparsity_report()
     assert report.levels["block"].zero_groups == 1
     assert report.levels["filters"].zero_groups == 4
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_dtypes(dtype):
-    torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(8, 5).to(dtype))
-    v = w.detach().double().numpy().ravel().copy()
-    h = gp.Hierarchy({"rows": [[(w, 0, i)] for i in range(8)], "all": [[w]]})
-    pens = {"rows": gp.GroupLasso(0.4), "all": gp.GroupLasso(0.1)}
-    gp.ProxSGD([w], lr=0.5, hierarchy=h, penalties=pens).step()
-    assert w.dtype == dtype
-    sets, _ = ref.group_index_sets([(8, 5)], [[[(0, 0, i)] for i in range(8)], [[(0, None, None)]]])
-    want = ref.prox(v, sets, [ref.RefPenalty("lasso", 0.4), ref.RefPenalty("lasso", 0.1)], 0.5)
-    got = w.detach().double().numpy().ravel()
-    tol = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
-    assert np.array_equal(got == 0, want == 0)
 
 
 def test_mixed_precision_hierarchy_uses_float64_accumulation():

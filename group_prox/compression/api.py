@@ -134,7 +134,12 @@ def compress(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress(): expected an nn.Module, got {type(model).__name__}.")
-    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+    if not isinstance(multiple, int) or isinstance(multiple, bool):
+        raise TypeError(
+            f"compress(): multiple must be a positive int, got {type(multiple).__name__} "
+            f"{multiple!r}."
+        )
+    if multiple < 1:
         raise ValueError(f"compress(): multiple must be a positive int, got {multiple!r}.")
     _check_hierarchy(model, hierarchy)
 
@@ -165,6 +170,11 @@ def save_compressed(model: nn.Module, path: str | os.PathLike | Any) -> None:
     Nothing is pickled but tensors, strings, numbers, lists and dicts, so the file loads with
     ``torch.load(path, weights_only=True)`` (which :func:`load_compressed` uses).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"save_compressed(): expected the nn.Module returned by group_prox.compress(...), "
+            f"got {type(model).__name__}."
+        )
     plan = getattr(model, _PLAN_ATTR, None)
     if not isinstance(plan, CompressionPlan):
         raise ValueError(
@@ -194,9 +204,20 @@ def load_compressed(
     Returns:
         The compressed model, with ``group_prox_plan`` set, so it can be saved again.
     """
+    if not isinstance(model_fn, nn.Module) and not callable(model_fn):
+        raise TypeError(
+            "load_compressed(): model_fn must build the original architecture (a callable such "
+            f"as torchvision.models.resnet18) or be that nn.Module, got {type(model_fn).__name__}."
+        )
     data = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(data, dict) or data.get("format") != _FILE_FORMAT:
         raise ValueError(f"load_compressed(): {path!r} was not written by save_compressed().")
+    missing = [key for key in ("plan", "state_dict") if key not in data]
+    if missing:
+        raise ValueError(
+            f"load_compressed(): {path!r} has no {', '.join(map(repr, missing))}; the file is "
+            "damaged, save the model again with save_compressed()."
+        )
     plan = CompressionPlan.from_dict(data["plan"])
     model = model_fn if isinstance(model_fn, nn.Module) else model_fn()
     if not isinstance(model, nn.Module):

@@ -275,7 +275,8 @@ def auto(
             (``model(**inputs)``), small but of the right shape.
         ignored_layers: modules (or their names) whose output channels must stay as they are; every
             channel coupled to them is left out of ``base_level``. Their input columns may still be
-            members. A container stands for all its submodules.
+            members. A container stands for all its submodules; one module or name may be
+            given alone.
         root_module_types: the layer types whose output channels start a group (by default every
             convolution, transposed too, and ``nn.Linear``).
         prune_outputs: also group the channels that reach the model's outputs. By default they are
@@ -316,6 +317,14 @@ def auto(
         raise TypeError(f"auto(): expected an nn.Module, got {type(model).__name__}.")
     tp = _import_torch_pruning()
 
+    if isinstance(ignored_layers, (str, nn.Module)):
+        # One name is not a list of one-letter names, nor a Sequential a list of its children.
+        ignored_layers = [ignored_layers]
+    elif ignored_layers is not None and not isinstance(ignored_layers, Iterable):
+        raise TypeError(
+            "auto(): ignored_layers must be a list of modules or module names, "
+            f"got {type(ignored_layers).__name__}."
+        )
     ignored: set[nn.Module] = set()
     for layer in ignored_layers or ():
         if isinstance(layer, str):

@@ -11,6 +11,8 @@ at each step is an integer array over atoms, built once here.
 from __future__ import annotations
 
 import gc
+import hashlib
+import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from ..distributed import full_tensor
 
 __all__ = ["Hierarchy", "Member", "TensorLayout"]
 
@@ -169,7 +173,9 @@ class Hierarchy:
             normal_groups = []
             for gname, group in named:
                 where = f"level {level!r}, group {gname!r}"
-                if isinstance(group, Tensor) or not isinstance(group, (Sequence, Iterable)):
+                if isinstance(group, (Tensor, str, bytes)) or not isinstance(
+                    group, (Sequence, Iterable)
+                ):
                     raise TypeError(
                         f"{where}: a group must be a list of members (parameters or "
                         f"(param, dim, index) tuples), got {type(group).__name__}."
@@ -214,7 +220,7 @@ class Hierarchy:
     def _named_groups(level: str, spec: LevelSpec) -> list[tuple[str, GroupSpec]]:
         if isinstance(spec, Mapping):
             return [(str(k), v) for k, v in spec.items()]
-        if isinstance(spec, Tensor) or not isinstance(spec, (Sequence, Iterable)):
+        if isinstance(spec, (Tensor, str, bytes)) or not isinstance(spec, (Sequence, Iterable)):
             raise TypeError(
                 f"level {level!r}: expected a list of groups or a mapping {{group name: members}}, "
                 f"got {type(spec).__name__}."
@@ -292,8 +298,9 @@ class Hierarchy:
 
     @staticmethod
     def _check_dim(dim: object, shape: tuple[int, ...], label: str, where: str) -> int:
-        if isinstance(dim, bool) or not isinstance(dim, int):
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
             raise TypeError(f"{where}: dim must be an int or a tuple of ints, got {dim!r}.")
+        dim = int(dim)
         if not -len(shape) <= dim < len(shape):
             raise ValueError(f"{where}: dim {dim} is out of range for {label} of shape {shape}.")
         return dim % len(shape)
@@ -307,7 +314,8 @@ class Hierarchy:
                     f"{where}: slice {index} selects nothing of dim {dim} (size {size})."
                 )
             return indices
-        if isinstance(index, int) and not isinstance(index, bool):
+        if isinstance(index, numbers.Integral) and not isinstance(index, bool):
+            index = int(index)
             if not -size <= index < size:
                 raise ValueError(
                     f"{where}: index {index} is out of range for dim {dim} (size {size}) of {label}."
@@ -384,14 +392,17 @@ class Hierarchy:
         parents = np.unique(self._atom_group[coarse][atoms])
         fname = self._group_names[fine][g]
         inside = [self._group_names[coarse][p] for p in parents if p >= 0]
-        if parents.size == 2 and parents[0] < 0:
-            c_atoms = self._atoms_of(coarse, int(parents[1]))
-            if np.isin(c_atoms, atoms).all():
-                raise ValueError(
-                    f"group {inside[0]!r} of level {coarse!r} lies inside group {fname!r} of the "
-                    f"finer level {fine!r}: a coarser level must hold the larger groups. "
-                    "List the levels finest first."
-                )
+        # Every coarse group it touches lies inside it: the levels are most likely listed in the
+        # wrong order, which is what the message should say.
+        if all(np.isin(self._atoms_of(coarse, int(p)), atoms).all() for p in parents if p >= 0):
+            more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
+            named = f"{', '.join(repr(n) for n in inside[:3])}{more}"
+            raise ValueError(
+                f"group{'s' if len(inside) > 1 else ''} {named} of level {coarse!r} "
+                f"{'lie' if len(inside) > 1 else 'lies'} inside group {fname!r} of the finer "
+                f"level {fine!r}: a coarser level must hold the larger groups. List the levels "
+                "finest first."
+            )
         raise ValueError(
             f"group {fname!r} of level {fine!r} overlaps {', '.join(repr(n) for n in inside)} of "
             f"level {coarse!r} without being contained in one of them: groups of different levels "
@@ -427,13 +438,19 @@ class Hierarchy:
 
     def groups(self, level: str) -> list[list[Tensor]]:
         """The groups of ``level`` as lists of (detached) member tensors, for inspection and
-        :meth:`~group_prox.penalties.Penalty.value`."""
+        :meth:`~group_prox.penalties.Penalty.value`.
+
+        A sharded parameter (``DTensor``, FSDP2) is gathered whole first, once per call: a
+        collective, so every rank must call this together."""
         level = self._level(level)
+        whole: dict[int, Tensor] = {}
         out = []
         for members in self._group_members[level]:
             views = []
             for m in members:
-                t = self.tensors[m.tensor_index].param.detach()
+                t = whole.get(m.tensor_index)
+                if t is None:
+                    t = whole[m.tensor_index] = full_tensor(self.tensors[m.tensor_index].param)
                 for d, indices in zip(m.dims, m.indices):
                     t = t.index_select(d, torch.as_tensor(indices, device=t.device))
                 views.append(t)
@@ -442,10 +459,16 @@ class Hierarchy:
 
     def signature(self) -> dict[str, object]:
         """Plain-data description used to detect a checkpoint from another hierarchy."""
+        # Two hierarchies with the same counts and shapes may still group the atoms differently.
+        digest = hashlib.sha256()
+        for level in self.level_names:
+            digest.update(level.encode())
+            digest.update(np.ascontiguousarray(self._atom_group[level], dtype=np.int64).tobytes())
         return {
             "levels": list(self.level_names),
             "groups": [self.num_groups(lv) for lv in self.level_names],
             "shapes": [list(lay.param.shape) for lay in self.tensors],
+            "grouping": digest.hexdigest()[:16],
         }
 
     def with_level(self, name: str, groups: LevelSpec) -> Hierarchy:

@@ -151,6 +151,11 @@ def moe(model: nn.Module, *, down: str | None = None) -> Hierarchy:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"moe(): expected an nn.Module, got {type(model).__name__}.")
+    if down is not None and not isinstance(down, str):
+        raise TypeError(
+            "moe(): down must be the name of the experts' projection out of the hidden layer "
+            f"(e.g. 'fc2'), or None; got {type(down).__name__}."
+        )
     layers = [
         (name, m.experts)
         for name, m in model.named_modules()

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..distributed import is_dtensor, process_group
 from ..hierarchy.core import Hierarchy
-from ..kernels import ProxPlan, group_sq_norms, hierarchical_prox_, scale_atoms_
+from ..kernels import (
+    NonFiniteAtoms,
+    ProxPlan,
+    group_sq_norms,
+    hierarchical_prox_,
+    scale_atoms_,
+)
 from ..penalties import Penalty
 from ..report import SparsityReport, build_report
+from ._nonfinite import NONFINITE_MODES, NonFinite, describe, first_nonfinite, parameter_names
 
 _STATE_KEY = "group_prox"
 #: A penalty under this key acts on one group holding every parameter of the hierarchy, unless the
@@ -45,26 +55,37 @@ class ProxMixin:
         self, hierarchy: Hierarchy | None, penalties: Mapping[str, Penalty] | None
     ) -> None:
         owner = type(self).__name__
+        penalties = {} if penalties is None else penalties
+        if not isinstance(penalties, Mapping):
+            raise TypeError(
+                f"{owner}: penalties must be a mapping {{level name: penalty}}, e.g. "
+                f"{{'base_level': group_prox.GroupLasso(1e-4)}}; got {type(penalties).__name__}."
+            )
         if hierarchy is None:
             if penalties:
-                raise ValueError(f"{owner}: penalties were given without a hierarchy=.")
+                raise ValueError(
+                    f"{owner}: penalties were given for levels {list(penalties)} without a "
+                    "hierarchy=; pass the hierarchy they act on, e.g. "
+                    "hierarchy=group_prox.hierarchy.resnet(model)."
+                )
             self._hierarchy = None
             self._penalties: Mapping[str, Penalty] = MappingProxyType({})
             self._plan = None
             self._frozen_keep: Tensor | None = None
+            self._check_step_sizes()
             return
         if not isinstance(hierarchy, Hierarchy):
             raise TypeError(
                 f"{owner}: hierarchy must be a group_prox.Hierarchy (for example "
                 f"group_prox.hierarchy.resnet(model)), got {type(hierarchy).__name__}."
             )
-        penalties = {} if penalties is None else penalties
-        if not isinstance(penalties, Mapping):
-            raise TypeError(
-                f"{owner}: penalties must be a mapping {{level name: penalty}}, "
-                f"got {type(penalties).__name__}."
-            )
         if GLOBAL in penalties and GLOBAL not in hierarchy.level_names:
+            if not hierarchy.tensors:
+                raise ValueError(
+                    f"{owner}: penalties[{GLOBAL!r}] acts on one group holding every parameter of "
+                    "the hierarchy, but the hierarchy holds none. Check how it was built (a "
+                    "builder finds no group in a model it does not recognise)."
+                )
             hierarchy = hierarchy.with_level(GLOBAL, [hierarchy.params])
         for level, pen in penalties.items():
             if level not in hierarchy.level_names:
@@ -85,6 +106,13 @@ class ProxMixin:
                         f"have: {', '.join(map(repr, unknown[:3]))}"
                         f"{f' and {len(unknown) - 3} more' if len(unknown) > 3 else ''}."
                     )
+            try:
+                pen.weights(hierarchy.group_sizes(level))
+            except (TypeError, ValueError) as e:
+                raise type(e)(
+                    f"{owner}: the weights of the penalty for level {level!r} cannot be computed: "
+                    f"{e}"
+                ) from e
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         missing = [lay.name for lay in hierarchy.tensors if id(lay.param) not in group_of]
         if missing:
@@ -108,6 +136,8 @@ class ProxMixin:
         )
         # 1/0 per atom while the zero pattern is frozen (see freeze_zero_groups), else None.
         self._frozen_keep = None
+        # The plan cuts each tensor by its shape now; a tensor resized later would fail mid-step.
+        self._prox_shapes = tuple(tuple(lay.param.shape) for lay in hierarchy.tensors)
         self._check_step_sizes()
 
     # ------------------------------------------------------------------------------------ API
@@ -162,6 +192,8 @@ class ProxMixin:
             The number of scalars held at zero.
         """
         plan = self._require_plan("freeze_zero_groups")
+        if not plan.tensors:  # a hierarchy without parameters has nothing to hold at zero
+            return 0
         atom_sq, level_sq = group_sq_norms(plan)
         dead = torch.zeros_like(atom_sq, dtype=torch.bool)
         for i, (lp, sq) in enumerate(zip(plan.levels, level_sq)):
@@ -181,17 +213,167 @@ class ProxMixin:
             raise ValueError(f"{type(self).__name__}.{what}: the optimizer has no hierarchy.")
         return self._plan
 
+    # ----------------------------------------------------------------------- guarded steps
+    def _init_nonfinite(self, nonfinite: NonFinite) -> None:
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(
+                f"{type(self).__name__}: nonfinite must be one of {NONFINITE_MODES}, "
+                f"got {nonfinite!r}."
+            )
+        self.nonfinite: NonFinite = nonfinite
+        # Sharded gradients (FSDP2): each rank sees its own shards, so all ranks must agree on
+        # whether to step, or one would step (and enter the prox's collective) alone.
+        sharded = next((p for g in self.param_groups for p in g["params"] if is_dtensor(p)), None)
+        self._nonfinite_group = None if sharded is None else process_group([sharded])
+        self._nonfinite_device = None if sharded is None else sharded.to_local().device
+        #: Steps skipped because of non-finite values (``nonfinite="skip"``, or a
+        #: ``torch.amp.GradScaler`` that found an overflow in a fused step).
+        self.skipped_steps = 0
+
+    def _guarded_step(self, update: Callable[[], None], closure: Callable[[], Any] | None) -> Any:
+        """Run ``closure``, look at the gradients and parameters, then ``update()`` and the prox,
+        or nothing at all. Every refusal happens before a tensor is changed."""
+        self._check_step_sizes()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._amp_found_inf():
+            self.skipped_steps += 1
+            return loss
+        if self.nonfinite != "ignore":
+            problem = self._agree(self._find_nonfinite())
+            if problem is not None:
+                if self.nonfinite == "raise":
+                    raise FloatingPointError(
+                        f"{type(self).__name__}.step: {problem}. Nothing was changed: the "
+                        "parameters and the optimizer state are as before this step. Look for the "
+                        "cause upstream (the loss, the learning rate, the data), or build the "
+                        "optimizer with nonfinite='skip' to skip such steps and count them in "
+                        "skipped_steps, as torch.amp.GradScaler does."
+                    )
+                self.skipped_steps += 1
+                return loss
+        update()
+        self._prox_step()
+        return loss
+
+    def _agree(self, problem: str | None) -> str | None:
+        """With sharded parameters, the problem this rank found or, if another rank found one, a
+        word about it: one all-reduce of a flag, so that every rank skips or raises together."""
+        if self._nonfinite_group is None:
+            return problem
+        flag = torch.tensor([problem is not None], dtype=torch.int32, device=self._nonfinite_device)
+        torch.distributed.all_reduce(
+            flag, op=torch.distributed.ReduceOp.MAX, group=self._nonfinite_group
+        )
+        if problem is None and bool(flag.item()):
+            return "a gradient or parameter shard on another rank holds NaN or infinite values"
+        return problem
+
+    def _amp_found_inf(self) -> bool:
+        """A ``torch.amp.GradScaler`` driving a fused step sets ``found_inf`` on the optimizer
+        instead of skipping the call; the fused kernel then skips the update, so must the prox."""
+        found_inf = getattr(self, "found_inf", None)
+        return found_inf is not None and bool(found_inf.item() > 0)
+
+    def _find_nonfinite(self) -> str | None:
+        """Which gradient or parameter holds a NaN or an infinity (one pass, one sync), or None.
+
+        Under a GradScaler's fused step the gradients are still scaled and ``found_inf`` has
+        already judged them, so only the parameters are looked at."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        scaled = getattr(self, "found_inf", None) is not None
+        grads = [] if scaled else [p.grad for p in params if p.grad is not None]
+        with_grad = [] if scaled else [p for p in params if p.grad is not None]
+        bad = first_nonfinite([*grads, *params])
+        if bad is None:
+            return None
+        known = (
+            {}
+            if self._hierarchy is None
+            else {id(t.param): t.name for t in self._hierarchy.tensors}
+        )
+        names = parameter_names(self.param_groups, known)
+        if bad < len(grads):
+            return (
+                f"the gradient of {names[id(with_grad[bad])]} holds {describe(grads[bad])} values"
+            )
+        p = params[bad - len(grads)]
+        return f"the parameter {names[id(p)]} holds {describe(p)} values"
+
     # ----------------------------------------------------------------------------- the prox
-    def _check_step_sizes(self) -> None:
+    def _check_step_sizes(self, lrs: Sequence[object] | None = None) -> None:
+        """Refuse, before any tensor is changed, a learning rate that is not a finite number
+        >= 0, a group tree whose param groups have different learning rates, and a penalty whose
+        fields were set past their checks. ``lrs``: the learning rates of a checkpoint's param
+        groups, checked instead of the optimizer's own before they are loaded."""
+        owner = type(self).__name__
+        own = lrs is None
+        if lrs is None:
+            lrs = [g.get("lr") for g in self.param_groups]
+        fix = (
+            "set optimizer.param_groups[{i}]['lr'] (or the scheduler that sets it) to a finite "
+            "number >= 0"
+            if own
+            else "load a checkpoint saved by this optimizer"
+        )
+        where = "param group" if own else "the checkpoint's param group"
+        values: dict[int, float] = {}
+        for i, lr in enumerate(lrs):
+            if isinstance(lr, Tensor):
+                if lr.numel() != 1 or lr.is_complex() or lr.dtype == torch.bool:
+                    raise TypeError(
+                        f"{owner}: {where} {i} has an lr tensor of shape {tuple(lr.shape)} and "
+                        f"dtype {lr.dtype}; lr must be a real number or a 1-element real tensor: "
+                        f"{fix.format(i=i)}."
+                    )
+                if lr.device.type != "cpu":
+                    # Reading a device tensor would wait for the device, at every step.
+                    continue
+                value = float(lr.item())
+            elif isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+                raise TypeError(
+                    f"{owner}: {where} {i} has lr={lr!r} ({type(lr).__name__}); lr must be a real "
+                    f"number or a 1-element real tensor: {fix.format(i=i)}."
+                )
+            else:
+                value = float(lr)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(
+                    f"{owner}: {where} {i} has lr={value!r}, but the learning rate is also the "
+                    f"prox step size and must be finite and >= 0: {fix.format(i=i)}. Nothing "
+                    "was changed."
+                )
+            values[i] = value
+        if own:
+            for level, pen in self._penalties.items():
+                try:
+                    pen._validate()
+                except (TypeError, ValueError) as e:
+                    raise type(e)(
+                        f"{owner}: the penalty of level {level!r} holds an invalid value ({e}) Set "
+                        f"it through its property, e.g. optimizer.penalties[{level!r}].lam = 1e-4. "
+                        "Nothing was changed."
+                    ) from None
         plan = self._plan
         if plan is None:
             return
+        if own:
+            for lay, shape in zip(plan.tensors, self._prox_shapes):
+                if tuple(lay.param.shape) != shape:
+                    raise ValueError(
+                        f"{owner}: parameter {lay.name} of the hierarchy was resized from "
+                        f"{shape} to {tuple(lay.param.shape)} after the optimizer was built; "
+                        "build the hierarchy and the optimizer again for the new shapes. Nothing "
+                        "was changed."
+                    )
         for link in plan.linked_param_groups:
-            lrs = {i: _as_float(self.param_groups[i]["lr"]) for i in sorted(link)}
-            if len(set(lrs.values())) > 1:
+            linked = {i: values[i] if i in values else _as_float(lrs[i]) for i in sorted(link)}  # type: ignore[arg-type]
+            if len(set(linked.values())) > 1:
                 raise ValueError(
-                    f"{type(self).__name__}: a group tree (around {plan.describe_link(link)}) spans "
-                    f"param groups {sorted(link)} whose learning rates differ ({lrs}). The prox "
+                    f"{owner}: a group tree (around {plan.describe_link(link)}) spans "
+                    f"{where}s {sorted(link)} whose learning rates differ ({linked}). The prox "
                     "step size must be one number per tree: give these param groups the same lr, "
                     "or schedule them together."
                 )
@@ -221,7 +403,20 @@ class ProxMixin:
             return
         if not any(pen.lam > 0 for pen in self._penalties.values()):
             return
-        hierarchical_prox_(plan, self._component_eta(plan))
+        try:
+            hierarchical_prox_(
+                plan, self._component_eta(plan), check_finite=self.nonfinite != "ignore"
+            )
+        except NonFiniteAtoms as err:
+            name = plan.tensors[err.tensor].name
+            base = next(c.__name__ for c in type(self).__mro__ if c.__module__.startswith("torch."))
+            raise FloatingPointError(
+                f"{type(self).__name__}.step: the {base} update made parameter {name!r} NaN or "
+                "infinite from finite gradients and parameters (a learning rate too large for its "
+                "precision?). The prox was not applied, so no other group was touched, but the "
+                "parameters and the optimizer state hold this step's update: reload the last "
+                "checkpoint and lower the learning rate."
+            ) from None
 
     # ------------------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
@@ -231,9 +426,86 @@ class ProxMixin:
         state[_STATE_KEY] = self._prox_state()
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`; a checkpoint of another hierarchy is refused before anything
-        is loaded."""
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict`. A checkpoint of another hierarchy, of other penalised levels
+        or of parameters of other shapes, or a damaged one, is refused before anything is loaded:
+        the optimizer is then left as it was."""
+        owner = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"{owner}: expected the dict returned by optimizer.state_dict(), "
+                f"got {type(state_dict).__name__}."
+            )
+        missing = [key for key in ("state", "param_groups") if key not in state_dict]
+        if missing:
+            raise ValueError(
+                f"{owner}: the state dict has no {', '.join(map(repr, missing))} (its keys: "
+                f"{sorted(map(str, state_dict))}); pass the dict returned by optimizer.state_dict()."
+            )
+        saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
+        if not isinstance(saved_state, Mapping):
+            raise TypeError(
+                f"{owner}: the state dict's 'state' must be a dict {{param id: state}}, "
+                f"got {type(saved_state).__name__}."
+            )
+        if (
+            isinstance(saved_groups, (str, bytes))
+            or not isinstance(saved_groups, Sequence)
+            or not all(isinstance(g, Mapping) for g in saved_groups)
+        ):
+            raise TypeError(
+                f"{owner}: the state dict's 'param_groups' must be a list of dicts, "
+                f"got {type(saved_groups).__name__}."
+            )
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{owner}: the checkpoint has {len(saved_groups)} param group(s), this optimizer "
+                f"{len(self.param_groups)}; build the optimizer with the param groups it was "
+                "saved with."
+            )
+        names = (
+            {}
+            if self._hierarchy is None
+            else {id(lay.param): lay.name for lay in self._hierarchy.tensors}
+        )
+        param_of: dict[Any, tuple[str, Tensor]] = {}
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            ids = saved.get("params")
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+                raise TypeError(
+                    f"{owner}: param group {i} of the checkpoint has no list of 'params' "
+                    f"(got {type(ids).__name__})."
+                )
+            if len(ids) != len(group["params"]):
+                raise ValueError(
+                    f"{owner}: param group {i} of the checkpoint holds {len(ids)} parameters, "
+                    f"this optimizer's {len(group['params'])}; build the optimizer with the "
+                    "parameters it was saved with."
+                )
+            if "lr" not in saved:
+                raise ValueError(f"{owner}: param group {i} of the checkpoint has no 'lr'.")
+            for j, (pid, p) in enumerate(zip(ids, group["params"])):
+                label = names.get(id(p), f"{j} of param group {i}")
+                param_of[pid] = (label, p)
+        self._check_step_sizes([g["lr"] for g in saved_groups])
+        for pid, entry in saved_state.items():
+            if pid not in param_of:
+                continue  # torch keeps state of unknown ids as it is
+            label, p = param_of[pid]
+            if not isinstance(entry, Mapping):
+                raise TypeError(
+                    f"{owner}: the state of parameter {label} must be a dict, "
+                    f"got {type(entry).__name__}."
+                )
+            for key, value in entry.items():
+                # Buffers such as momentum and Adam's moments have the parameter's shape; one of
+                # another shape would only fail in the middle of a later step.
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(
+                        f"{owner}: the checkpoint's {key!r} of parameter {label} has shape "
+                        f"{tuple(value.shape)}, the parameter {tuple(p.shape)}: the checkpoint "
+                        "is of another model."
+                    )
         torch_state = dict(state_dict)
         prox_state = torch_state.pop(_STATE_KEY, None)
         self._check_prox_state(prox_state)
@@ -246,31 +518,92 @@ class ProxMixin:
             "penalties": {lv: pen.state_dict() for lv, pen in self._penalties.items()},
             "hierarchy": None if self._hierarchy is None else self._hierarchy.signature(),
             "frozen": None if keep is None else keep.detach().to("cpu", torch.bool).clone(),
+            "skipped_steps": self.skipped_steps,
         }
 
-    def _check_prox_state(self, state: dict[str, Any] | None) -> None:
-        """Refuse a checkpoint of another hierarchy before anything is loaded."""
+    def _check_prox_state(self, state: Any) -> None:
+        """Refuse a checkpoint of another hierarchy or of other penalised levels, or a damaged
+        one, before anything is loaded: every value that :meth:`_apply_prox_state` sets is
+        checked here."""
         if state is None:
             return
+        owner = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"{owner}: the checkpoint's {_STATE_KEY!r} entry must be a dict, got "
+                f"{type(state).__name__}; pass a dict returned by this optimizer's state_dict()."
+            )
         mine = self._prox_state()
-        if state.get("hierarchy") != mine["hierarchy"]:
+        theirs = state.get("hierarchy")
+        if theirs != mine["hierarchy"]:
+            try:
+                described = _describe(theirs)
+            except (AttributeError, IndexError, KeyError, TypeError):
+                described = f"an unreadable description {theirs!r:.80}"
             raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the checkpoint was saved with another "
-                f"hierarchy ({_describe(state.get('hierarchy'))}) than this optimizer's "
-                f"({_describe(mine['hierarchy'])}). Rebuild the hierarchy from the same model."
+                f"{owner}: the checkpoint was saved with another hierarchy ({described}) than "
+                f"this optimizer's ({_describe(mine['hierarchy'])}). Rebuild the hierarchy from "
+                "the same model."
             )
         saved = state.get("penalties", {})
+        if not isinstance(saved, Mapping):
+            raise TypeError(
+                f"{owner}: the checkpoint's penalties must be a dict {{level: penalty state}}, "
+                f"got {type(saved).__name__}."
+            )
         if set(saved) != set(self._penalties):
             raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the checkpoint penalises levels "
-                f"{sorted(saved)}, this optimizer {sorted(self._penalties)}."
+                f"{owner}: the checkpoint penalises levels {sorted(map(str, saved))}, this "
+                f"optimizer {sorted(self._penalties)}; build the optimizer with the same "
+                "penalties= keys."
             )
+        for level, pen_state in saved.items():
+            try:
+                self._penalties[level]._parse_state(pen_state)
+            except (TypeError, ValueError) as e:
+                raise type(e)(
+                    f"{owner}: the checkpoint's penalty for level {level!r} is invalid: {e}"
+                ) from None
+        frozen = state.get("frozen")
+        if frozen is not None and self._hierarchy is not None:
+            n = self._hierarchy.num_atoms
+            wanted = f"a bool tensor of {n} entries (one per atom of the hierarchy)"
+            if not isinstance(frozen, Tensor):
+                raise TypeError(
+                    f"{owner}: the checkpoint's frozen zero pattern must be {wanted}, "
+                    f"got {type(frozen).__name__}."
+                )
+            if tuple(frozen.shape) != (n,) or not (
+                frozen.dtype == torch.bool or frozen.is_floating_point()
+            ):
+                raise ValueError(
+                    f"{owner}: the checkpoint's frozen zero pattern must be {wanted}, got a "
+                    f"{frozen.dtype} tensor of shape {tuple(frozen.shape)}."
+                )
+        skipped = state.get("skipped_steps", 0)
+        if isinstance(skipped, bool) or not isinstance(skipped, numbers.Integral):
+            raise TypeError(
+                f"{owner}: the checkpoint's skipped_steps must be an int, got {skipped!r}."
+            )
+        if skipped < 0:
+            raise ValueError(
+                f"{owner}: the checkpoint's skipped_steps must be an int >= 0, got {skipped!r}."
+            )
+        if "prox_metric" in state and hasattr(self, "prox_metric"):
+            from .adam import _METRICS  # here: adam imports this module
+
+            if state["prox_metric"] not in _METRICS:
+                raise ValueError(
+                    f"{owner}: the checkpoint's prox_metric must be one of {_METRICS}, "
+                    f"got {state['prox_metric']!r}."
+                )
 
     def _apply_prox_state(self, state: dict[str, Any] | None) -> None:
         if state is None:
             return
         for lv, pen_state in state.get("penalties", {}).items():
             self._penalties[lv].load_state_dict(pen_state)
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         frozen = state.get("frozen")
         if frozen is None or self._plan is None:
             self._frozen_keep = None
@@ -283,4 +616,5 @@ def _describe(sig: Any) -> str:
     if not sig:
         return "none"
     levels = ", ".join(f"{lv}: {n} groups" for lv, n in zip(sig["levels"], sig["groups"]))
-    return f"{levels}; {len(sig['shapes'])} tensors"
+    grouping = f"; grouping {sig['grouping']}" if sig.get("grouping") else ""
+    return f"{levels}; {len(sig['shapes'])} tensors{grouping}"

@@ -11,6 +11,7 @@ from torch import Tensor
 from ..hierarchy.core import Hierarchy
 from ..kernels import ProxPlan, atom_sum
 from ..penalties import Penalty
+from ._nonfinite import NonFinite
 from ._prox import ProxMixin, unhooked_step
 
 __all__ = ["ProxAdam"]
@@ -45,6 +46,8 @@ class ProxAdam(ProxMixin, torch.optim.AdamW):
             differentiable, fused: as for :class:`torch.optim.AdamW`.
         hierarchy, penalties: as for :class:`~group_prox.ProxSGD`.
         prox_metric: ``"lr"`` or ``"preconditioner"`` (see above).
+        nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a step does when a
+            gradient or parameter holds a NaN or an infinity (see :class:`~group_prox.ProxSGD`).
 
     With every λ equal to 0 the optimizer is exactly :class:`torch.optim.AdamW`. Parameters whose
     ``grad`` is ``None`` are skipped by the Adam update but their groups are still shrunk (see
@@ -68,7 +71,13 @@ class ProxAdam(ProxMixin, torch.optim.AdamW):
         hierarchy: Hierarchy | None = None,
         penalties: Mapping[str, Penalty] | None = None,
         prox_metric: Literal["lr", "preconditioner"] = "lr",
+        nonfinite: NonFinite = "raise",
     ) -> None:
+        if not isinstance(prox_metric, str):
+            raise TypeError(
+                f"ProxAdam: prox_metric must be one of {_METRICS}, got {type(prox_metric).__name__} "
+                f"{prox_metric!r}."
+            )
         if prox_metric not in _METRICS:
             raise ValueError(
                 f"ProxAdam: prox_metric must be one of {_METRICS}, got {prox_metric!r}."
@@ -86,15 +95,28 @@ class ProxAdam(ProxMixin, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
+        self._check_half_precision_eps()
         self.prox_metric = prox_metric
         self._init_prox(hierarchy, penalties)
+        self._init_nonfinite(nonfinite)
+
+    def _check_half_precision_eps(self) -> None:
+        """A zero group has zero gradients, so Adam divides 0 by ``sqrt(v) + eps`` with ``v = 0``:
+        an ``eps`` that rounds to 0 in float16 turns every zero group into NaN."""
+        for i, group in enumerate(self.param_groups):
+            halves = [p for p in group["params"] if p.dtype == torch.float16]
+            if halves and float(torch.tensor(group["eps"], dtype=torch.float16)) == 0:
+                raise ValueError(
+                    f"ProxAdam: param group {i} holds float16 parameters (for example one of shape "
+                    f"{tuple(halves[0].shape)}) and eps={group['eps']:g} is 0 in float16, so the "
+                    "update of a zero group would be 0/0. Give eps >= 1e-7 (1e-4 is common for "
+                    "float16), or keep float32 master weights and train under torch.autocast."
+                )
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One AdamW update, then the prox of the penalty (step size per ``prox_metric``)."""
-        self._check_step_sizes()
-        loss = _adamw_step(self, closure)
-        self._prox_step()
-        return loss
+        """One AdamW update, then the prox of the penalty (step size per ``prox_metric``); or, when
+        a gradient or parameter is not finite, an error or a skipped step (see ``nonfinite``)."""
+        return self._guarded_step(lambda: _adamw_step(self, None), closure)
 
     def _component_eta(self, plan: ProxPlan) -> Tensor:
         eta = super()._component_eta(plan)
@@ -103,8 +125,16 @@ class ProxAdam(ProxMixin, torch.optim.AdamW):
         acc = plan.acc_dtype
         device = plan.tensors[0].param.device
         pg_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        # Sharded (FSDP2), each rank sums √v̂ over its part of every atom into a global atom vector,
+        # and one all-reduce adds the parts up.
+        sharding = plan.sharding
+        shard_sums = (
+            None
+            if sharding is None
+            else torch.zeros(plan.hierarchy.num_atoms, dtype=acc, device=device)
+        )
         sums, counts = [], []
-        for lay in plan.tensors:
+        for i, lay in enumerate(plan.tensors):
             state = self.state.get(lay.param, {})
             group = pg_of[id(lay.param)]
             v = state.get("max_exp_avg_sq") if group["amsgrad"] else state.get("exp_avg_sq")
@@ -115,13 +145,21 @@ class ProxAdam(ProxMixin, torch.optim.AdamW):
                 beta2 = group["betas"][1]
                 step = state["step"]
                 bc2 = 1 - torch.as_tensor(beta2, dtype=acc, device=device) ** step.to(device, acc)
-                root = v.detach().to(acc).sqrt().div_(bc2.sqrt())
-                sums.append(atom_sum(lay, root) + group["eps"] * numel)
+                if sharding is None:
+                    root = v.detach().to(acc).sqrt().div_(bc2.sqrt())
+                    sums.append(atom_sum(lay, root) + group["eps"] * numel)
+                else:
+                    root = sharding.local(i, v).to(acc).sqrt().div_(bc2.sqrt())
+                    sharding.add_atom_sums_(shard_sums, i, root)  # type: ignore[arg-type]
+                    sums.append(group["eps"] * numel)
             counts.append(numel)
+        atom_sums = torch.cat(sums)
+        if sharding is not None:
+            atom_sums += sharding.all_reduce_(shard_sums)  # type: ignore[arg-type]
         dev = plan.on(device)
         comp_sum = torch.zeros(plan.num_components + 1, dtype=acc, device=device)
         comp_cnt = torch.zeros_like(comp_sum)
-        comp_sum.index_add_(0, dev.atom_component, torch.cat(sums))
+        comp_sum.index_add_(0, dev.atom_component, atom_sums)
         comp_cnt.index_add_(0, dev.atom_component, torch.cat(counts))
         mean = torch.where(comp_cnt > 0, comp_sum / comp_cnt, torch.ones_like(comp_sum))
         return eta.to(device, acc) / mean

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..hierarchy.core import Hierarchy
 from ..penalties import Penalty
+from ._nonfinite import NonFinite
 from ._prox import ProxMixin, unhooked_step
 from .compiled_sgd import CompiledSGDUpdate
 
@@ -46,6 +47,15 @@ class ProxSGD(ProxMixin, torch.optim.SGD):
             take torch's path: the first step (no momentum buffer yet), a parameter without
             ``grad``, or ``differentiable=True``. Results equal torch's update to float rounding,
             not bit for bit.
+        nonfinite: what a step does when a gradient or a parameter holds a NaN or an infinity,
+            found by one read of each before anything is changed. ``"raise"`` (default): a
+            ``FloatingPointError`` naming the tensor; parameters and state are untouched.
+            ``"skip"``: the whole step is skipped for every parameter, as
+            :class:`torch.amp.GradScaler` does, and counted in :attr:`skipped_steps`.
+            ``"ignore"``: no look (saves the read, and on an accelerator one synchronisation per
+            step; for CUDA-graph capture). A :class:`torch.amp.GradScaler` works in every mode: it
+            skips the step when it finds an overflow (with ``fused=True`` the optimizer skips it
+            and counts it).
 
     Notes:
         * With every λ equal to 0 the optimizer is exactly :class:`torch.optim.SGD`.
@@ -74,6 +84,7 @@ class ProxSGD(ProxMixin, torch.optim.SGD):
         hierarchy: Hierarchy | None = None,
         penalties: Mapping[str, Penalty] | None = None,
         compiled: bool = False,
+        nonfinite: NonFinite = "raise",
     ) -> None:
         super().__init__(
             params,
@@ -88,25 +99,22 @@ class ProxSGD(ProxMixin, torch.optim.SGD):
             fused=fused,
         )
         self._init_prox(hierarchy, penalties)
+        self._init_nonfinite(nonfinite)
         self._compiled_update = CompiledSGDUpdate() if compiled else None
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One SGD update, then the prox of the penalty with step size ``lr``.
+        """One SGD update, then the prox of the penalty with step size ``lr``; or, when a gradient
+        or parameter is not finite, an error or a skipped step (see ``nonfinite``).
 
         Args:
             closure: re-evaluates the model and returns the loss (optional, as in torch).
         """
-        self._check_step_sizes()
-        if self._compiled_update is None:
-            loss = _sgd_step(self, closure)
+        return self._guarded_step(self._sgd_update, closure)
+
+    def _sgd_update(self) -> None:
+        if self._compiled_update is not None and CompiledSGDUpdate.applicable(
+            self.param_groups, self.state
+        ):
+            self._compiled_update.step(self.param_groups, self.state)
         else:
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            if CompiledSGDUpdate.applicable(self.param_groups, self.state):
-                self._compiled_update.step(self.param_groups, self.state)
-            else:
-                _sgd_step(self, None)
-        self._prox_step()
-        return loss
+            _sgd_step(self, None)
