@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "puts the reduction in its own loop, which re-reads the inputs and recomputes the update. "
         "`compiled=True` instead fuses torch's several SGD passes into one, which pays for part "
         "of the prox. By default a step first looks for NaN and infinite values in every gradient "
-        "and parameter (one read of each, their largest magnitude) so that a bad step changes "
+        "and parameter (one read of each) so that a bad step changes "
         "nothing; `nonfinite='ignore'` saves that read.",
         "",
         "Produced by `python benchmarks/prox_overhead.py`.",

@@ -272,13 +272,11 @@ def get_sparsity_report(model: nn.Module, hierarchy: Hierarchy) -> SparsityRepor
             f"hierarchy must be a group_prox.Hierarchy, got {type(hierarchy).__name__}."
         )
     params = list(model.parameters())
-    own = {id(p) for p in params}
     # Counting another model's tensors would report a sparsity that neither model has.
-    foreign = [lay.name for lay in hierarchy.tensors if id(lay.param) not in own]
+    foreign = hierarchy.names_outside(params)
     if foreign:
-        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         raise ValueError(
             f"get_sparsity_report(): the hierarchy holds parameters that are not parameters of "
-            f"model: {', '.join(foreign[:3])}{more}. Build the hierarchy from this model."
+            f"model: {foreign}. Build the hierarchy from this model."
         )
     return build_report(hierarchy, params)

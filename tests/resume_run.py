@@ -85,10 +85,8 @@ def main(spec_path: str) -> None:
         specs = json.load(f)
     for spec in specs:
         opt_name, dtype = spec["optimizer"], spec["dtype"]
-        if spec.get("load"):
-            run = resume(opt_name, dtype, spec["load"])
-        else:
-            run = build(opt_name, dtype)
+        load = spec.get("load")
+        run = resume(opt_name, dtype, load) if load else build(opt_name, dtype)
         train(run, spec["start"], spec["stop"], dtype)
         torch.save(checkpoint(run), spec["save"])
 

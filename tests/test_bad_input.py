@@ -378,23 +378,21 @@ def test_auto_wrong_types_and_unknown_ignored_layers():
 
 # ----------------------------------------------------------------------------------- penalties
 @SOME
-@given(cls=st.sampled_from(PENALTIES), bad=NOT_REAL)
-def test_penalty_lam_of_the_wrong_type(cls, bad):
-    with pytest.raises(TypeError, match=rf"{cls.__name__}: lam must be a real number"):
+@given(
+    cls=st.sampled_from(PENALTIES),
+    case=st.one_of(
+        NOT_REAL.map(lambda bad: (bad, TypeError, "lam must be a real number")),
+        BAD_REAL.map(lambda bad: (bad, ValueError, "lam must be finite and >= 0")),
+    ),
+)
+def test_penalty_lam_of_the_wrong_type_or_value(cls, case):
+    """A wrong type is a TypeError, a negative, NaN or infinite number a ValueError; the setter
+    keeps the old value."""
+    bad, error, words = case
+    with pytest.raises(error, match=rf"{cls.__name__}: {words}"):
         cls(bad)
     pen = cls(0.5)
-    with pytest.raises(TypeError, match="lam must be a real number"):
-        pen.lam = bad
-    assert pen.lam == 0.5
-
-
-@SOME
-@given(cls=st.sampled_from(PENALTIES), bad=BAD_REAL)
-def test_penalty_lam_negative_nan_or_infinite(cls, bad):
-    with pytest.raises(ValueError, match=rf"{cls.__name__}: lam must be finite and >= 0"):
-        cls(bad)
-    pen = cls(0.5)
-    with pytest.raises(ValueError, match="lam must be finite and >= 0"):
+    with pytest.raises(error, match=words):
         pen.lam = bad
     assert pen.lam == 0.5
 

@@ -397,10 +397,33 @@ def _nonfinite(rank: int | None) -> dict[str, Any]:
     return out
 
 
+def _with_target(rank: int | None) -> dict[str, Any]:
+    """SparsityTarget on a sharded model: it measures group norms and freezes through the same
+    kernels, so every rank selects, snaps and freezes the same groups as one process."""
+    model = _sharded_mlp(rank)
+    opt = gp.ProxSGD(
+        model.parameters(), lr=0.1, momentum=0.9, hierarchy=_mlp_hierarchy(model),
+        penalties={"unit": gp.GroupLasso(0.0)},
+    )  # fmt: skip
+    target = gp.SparsityTarget(opt, {"unit": 0.5}, warmup_steps=1, reach_step=4, freeze_step=6)
+    for batch in _batches()[:STEPS]:
+        x, y = _local(batch, rank)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        target.step()
+    return {
+        "params": [_whole(p) for p in model.parameters()],
+        "report": opt.get_sparsity_report().to_dict(),
+        "frozen": opt.frozen,
+    }
+
+
 def _fsdp_worker(rank: int) -> dict[str, Any]:
     out = {name: _train_mlp(name, rank) for name in SCENARIOS}
     out["placements"] = _placements(rank)
     out["nonfinite"] = _nonfinite(rank)
+    out["target"] = _with_target(rank)
     return out
 
 
@@ -447,6 +470,16 @@ def test_fsdp2_ranks_agree_on_nonfinite_steps(fsdp_ranks):
         assert out["raise"]["error"] is not None and expected in out["raise"]["error"]
         for p, q in zip(out["raise"]["params"], fsdp_ranks[0]["nonfinite"]["raise"]["params"]):
             assert torch.equal(p, q)
+
+
+def test_fsdp2_with_a_sparsity_target(fsdp_ranks):
+    ref = _with_target(None)
+    assert ref["frozen"] and ref["report"]["levels"]["unit"]["zero_groups"] == 6  # half of 12
+    for out in (r["target"] for r in fsdp_ranks):
+        assert out["frozen"] and out["report"] == ref["report"]
+        for p, q in zip(out["params"], ref["params"]):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+            assert torch.equal(p == 0, q == 0)
 
 
 def test_dtensor_placements_match_plain_tensors(fsdp_ranks):

@@ -25,7 +25,9 @@ def _model(seed: int = 0) -> nn.Sequential:
 def _hierarchy(model: nn.Sequential) -> gp.Hierarchy:
     first, second = model[0], model[2]
     units = [[(first.weight, 0, i), (first.bias, 0, i), (second.weight, 1, i)] for i in range(8)]
-    return gp.Hierarchy({"unit": units, "layer": [[first.weight, first.bias, second.weight]]}, names=model)
+    return gp.Hierarchy(
+        {"unit": units, "layer": [[first.weight, first.bias, second.weight]]}, names=model
+    )
 
 
 def _optimizer(name: str, model: nn.Sequential, **kw) -> torch.optim.Optimizer:
@@ -86,7 +88,9 @@ def test_raise_names_the_tensor_and_changes_nothing(name, where, value):
     grads = [p.grad.clone() for p in model.parameters()]
     word = "NaN" if value != value else "infinite"
     what = "gradient of '2.weight'" if where == "grad" else "parameter '2.weight'"
-    with pytest.raises(FloatingPointError, match=rf"{what} holds {word} values.*Nothing was changed"):
+    with pytest.raises(
+        FloatingPointError, match=rf"{what} holds {word} values.*Nothing was changed"
+    ):
         opt.step()
     _assert_same(before, _snapshot(model, opt))
     for g, p in zip(grads, model.parameters()):
@@ -109,7 +113,7 @@ def test_named_parameters_given_to_the_optimizer_are_used():
     opt = gp.ProxAdam(model.named_parameters(), lr=0.01)
     _backward(model, 0)
     model[0].bias.grad[0] = float("inf")
-    with pytest.raises(FloatingPointError, match="gradient of '0.bias'"):
+    with pytest.raises(FloatingPointError, match=r"gradient of '0\.bias'"):
         opt.step()
 
 

@@ -189,6 +189,8 @@ def test_cuda_matches_cpu(kind):
 
 def test_adam_refuses_an_eps_that_is_zero_in_float16():
     model = _model(torch.float16)
-    with pytest.raises(ValueError, match=r"param group 0 holds float16 .*eps=1e-08 is 0 in float16"):
+    with pytest.raises(
+        ValueError, match=r"param group 0 holds float16 .*eps=1e-08 is 0 in float16"
+    ):
         gp.ProxAdam(model.parameters(), lr=1e-3)
     gp.ProxAdam(model.parameters(), lr=1e-3, eps=1e-4)

@@ -107,7 +107,7 @@ def _mlp_and_optimizer(split: int) -> tuple[nn.Module, gp.ProxSGD]:
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     units = [[(model[0].weight, 0, i), (model[0].bias, 0, i)] for i in range(6)]
     # Same levels, group counts and shapes; only which units form the two blocks differs.
-    blocks = [sum(units[:split], []), sum(units[split:], [])]
+    blocks = [[m for u in units[:split] for m in u], [m for u in units[split:] for m in u]]
     h = gp.Hierarchy({"unit": units, "block": blocks}, names=model)
     opt = gp.ProxSGD(
         model.parameters(), lr=0.1, momentum=0.9, hierarchy=h,

@@ -457,6 +457,16 @@ class Hierarchy:
             out.append(views)
         return out
 
+    def names_outside(self, params: Iterable[Tensor]) -> str | None:
+        """The names of the hierarchy's tensors that are not among ``params``, for a message
+        (``"a, b, c and 4 more"``), or ``None`` if all of them are."""
+        own = {id(p) for p in params}
+        missing = [lay.name for lay in self.tensors if id(lay.param) not in own]
+        if not missing:
+            return None
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        return f"{', '.join(missing[:3])}{more}"
+
     def signature(self) -> dict[str, object]:
         """Plain-data description used to detect a checkpoint from another hierarchy."""
         # Two hierarchies with the same counts and shapes may still group the atoms differently.

@@ -22,9 +22,9 @@ from ..kernels import (
 )
 from ..penalties import Penalty
 from ..report import SparsityReport, build_report
+from ._checkpoint import STATE_KEY, check_prox_state, check_torch_state
 from ._nonfinite import NONFINITE_MODES, NonFinite, describe, first_nonfinite, parameter_names
 
-_STATE_KEY = "group_prox"
 #: A penalty under this key acts on one group holding every parameter of the hierarchy, unless the
 #: hierarchy has a level of that name (the earlier project's ``type: global``).
 GLOBAL = "global"
@@ -114,12 +114,11 @@ class ProxMixin:
                     f"{e}"
                 ) from e
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        missing = [lay.name for lay in hierarchy.tensors if id(lay.param) not in group_of]
+        missing = hierarchy.names_outside(p for g in self.param_groups for p in g["params"])
         if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise ValueError(
                 f"{owner}: the hierarchy holds parameters that are not among the optimizer's "
-                f"parameters: {', '.join(missing[:3])}{more}. Pass the same model's parameters."
+                f"parameters: {missing}. Pass the same model's parameters."
             )
         devices = {lay.param.device for lay in hierarchy.tensors}
         if len(devices) > 1:
@@ -423,7 +422,7 @@ class ProxMixin:
         """torch's optimizer state, plus this package's entry: each penalty's λ (and l1_ratio)
         and a description of the hierarchy, checked when loading."""
         state = super().state_dict()  # type: ignore[misc]
-        state[_STATE_KEY] = self._prox_state()
+        state[STATE_KEY] = self._prox_state()
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -431,83 +430,15 @@ class ProxMixin:
         or of parameters of other shapes, or a damaged one, is refused before anything is loaded:
         the optimizer is then left as it was."""
         owner = f"{type(self).__name__}.load_state_dict"
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(
-                f"{owner}: expected the dict returned by optimizer.state_dict(), "
-                f"got {type(state_dict).__name__}."
-            )
-        missing = [key for key in ("state", "param_groups") if key not in state_dict]
-        if missing:
-            raise ValueError(
-                f"{owner}: the state dict has no {', '.join(map(repr, missing))} (its keys: "
-                f"{sorted(map(str, state_dict))}); pass the dict returned by optimizer.state_dict()."
-            )
-        saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
-        if not isinstance(saved_state, Mapping):
-            raise TypeError(
-                f"{owner}: the state dict's 'state' must be a dict {{param id: state}}, "
-                f"got {type(saved_state).__name__}."
-            )
-        if (
-            isinstance(saved_groups, (str, bytes))
-            or not isinstance(saved_groups, Sequence)
-            or not all(isinstance(g, Mapping) for g in saved_groups)
-        ):
-            raise TypeError(
-                f"{owner}: the state dict's 'param_groups' must be a list of dicts, "
-                f"got {type(saved_groups).__name__}."
-            )
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"{owner}: the checkpoint has {len(saved_groups)} param group(s), this optimizer "
-                f"{len(self.param_groups)}; build the optimizer with the param groups it was "
-                "saved with."
-            )
         names = (
             {}
             if self._hierarchy is None
             else {id(lay.param): lay.name for lay in self._hierarchy.tensors}
         )
-        param_of: dict[Any, tuple[str, Tensor]] = {}
-        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            ids = saved.get("params")
-            if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-                raise TypeError(
-                    f"{owner}: param group {i} of the checkpoint has no list of 'params' "
-                    f"(got {type(ids).__name__})."
-                )
-            if len(ids) != len(group["params"]):
-                raise ValueError(
-                    f"{owner}: param group {i} of the checkpoint holds {len(ids)} parameters, "
-                    f"this optimizer's {len(group['params'])}; build the optimizer with the "
-                    "parameters it was saved with."
-                )
-            if "lr" not in saved:
-                raise ValueError(f"{owner}: param group {i} of the checkpoint has no 'lr'.")
-            for j, (pid, p) in enumerate(zip(ids, group["params"])):
-                label = names.get(id(p), f"{j} of param group {i}")
-                param_of[pid] = (label, p)
-        self._check_step_sizes([g["lr"] for g in saved_groups])
-        for pid, entry in saved_state.items():
-            if pid not in param_of:
-                continue  # torch keeps state of unknown ids as it is
-            label, p = param_of[pid]
-            if not isinstance(entry, Mapping):
-                raise TypeError(
-                    f"{owner}: the state of parameter {label} must be a dict, "
-                    f"got {type(entry).__name__}."
-                )
-            for key, value in entry.items():
-                # Buffers such as momentum and Adam's moments have the parameter's shape; one of
-                # another shape would only fail in the middle of a later step.
-                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
-                    raise ValueError(
-                        f"{owner}: the checkpoint's {key!r} of parameter {label} has shape "
-                        f"{tuple(value.shape)}, the parameter {tuple(p.shape)}: the checkpoint "
-                        "is of another model."
-                    )
+        saved_lrs = check_torch_state(owner, state_dict, self.param_groups, names)
+        self._check_step_sizes(saved_lrs)
         torch_state = dict(state_dict)
-        prox_state = torch_state.pop(_STATE_KEY, None)
+        prox_state = torch_state.pop(STATE_KEY, None)
         self._check_prox_state(prox_state)
         super().load_state_dict(torch_state)  # type: ignore[misc]
         self._apply_prox_state(prox_state)
@@ -523,80 +454,16 @@ class ProxMixin:
 
     def _check_prox_state(self, state: Any) -> None:
         """Refuse a checkpoint of another hierarchy or of other penalised levels, or a damaged
-        one, before anything is loaded: every value that :meth:`_apply_prox_state` sets is
-        checked here."""
+        one, before anything is loaded (see :func:`check_prox_state`)."""
         if state is None:
             return
-        owner = f"{type(self).__name__}.load_state_dict"
-        if not isinstance(state, Mapping):
-            raise TypeError(
-                f"{owner}: the checkpoint's {_STATE_KEY!r} entry must be a dict, got "
-                f"{type(state).__name__}; pass a dict returned by this optimizer's state_dict()."
-            )
-        mine = self._prox_state()
-        theirs = state.get("hierarchy")
-        if theirs != mine["hierarchy"]:
-            try:
-                described = _describe(theirs)
-            except (AttributeError, IndexError, KeyError, TypeError):
-                described = f"an unreadable description {theirs!r:.80}"
-            raise ValueError(
-                f"{owner}: the checkpoint was saved with another hierarchy ({described}) than "
-                f"this optimizer's ({_describe(mine['hierarchy'])}). Rebuild the hierarchy from "
-                "the same model."
-            )
-        saved = state.get("penalties", {})
-        if not isinstance(saved, Mapping):
-            raise TypeError(
-                f"{owner}: the checkpoint's penalties must be a dict {{level: penalty state}}, "
-                f"got {type(saved).__name__}."
-            )
-        if set(saved) != set(self._penalties):
-            raise ValueError(
-                f"{owner}: the checkpoint penalises levels {sorted(map(str, saved))}, this "
-                f"optimizer {sorted(self._penalties)}; build the optimizer with the same "
-                "penalties= keys."
-            )
-        for level, pen_state in saved.items():
-            try:
-                self._penalties[level]._parse_state(pen_state)
-            except (TypeError, ValueError) as e:
-                raise type(e)(
-                    f"{owner}: the checkpoint's penalty for level {level!r} is invalid: {e}"
-                ) from None
-        frozen = state.get("frozen")
-        if frozen is not None and self._hierarchy is not None:
-            n = self._hierarchy.num_atoms
-            wanted = f"a bool tensor of {n} entries (one per atom of the hierarchy)"
-            if not isinstance(frozen, Tensor):
-                raise TypeError(
-                    f"{owner}: the checkpoint's frozen zero pattern must be {wanted}, "
-                    f"got {type(frozen).__name__}."
-                )
-            if tuple(frozen.shape) != (n,) or not (
-                frozen.dtype == torch.bool or frozen.is_floating_point()
-            ):
-                raise ValueError(
-                    f"{owner}: the checkpoint's frozen zero pattern must be {wanted}, got a "
-                    f"{frozen.dtype} tensor of shape {tuple(frozen.shape)}."
-                )
-        skipped = state.get("skipped_steps", 0)
-        if isinstance(skipped, bool) or not isinstance(skipped, numbers.Integral):
-            raise TypeError(
-                f"{owner}: the checkpoint's skipped_steps must be an int, got {skipped!r}."
-            )
-        if skipped < 0:
-            raise ValueError(
-                f"{owner}: the checkpoint's skipped_steps must be an int >= 0, got {skipped!r}."
-            )
-        if "prox_metric" in state and hasattr(self, "prox_metric"):
-            from .adam import _METRICS  # here: adam imports this module
-
-            if state["prox_metric"] not in _METRICS:
-                raise ValueError(
-                    f"{owner}: the checkpoint's prox_metric must be one of {_METRICS}, "
-                    f"got {state['prox_metric']!r}."
-                )
+        check_prox_state(
+            f"{type(self).__name__}.load_state_dict",
+            state,
+            self._prox_state(),
+            self._penalties,
+            None if self._hierarchy is None else self._hierarchy.num_atoms,
+        )
 
     def _apply_prox_state(self, state: dict[str, Any] | None) -> None:
         if state is None:
@@ -610,11 +477,3 @@ class ProxMixin:
         else:
             device = self._plan.tensors[0].param.device
             self._frozen_keep = frozen.to(device, self._plan.acc_dtype)
-
-
-def _describe(sig: Any) -> str:
-    if not sig:
-        return "none"
-    levels = ", ".join(f"{lv}: {n} groups" for lv, n in zip(sig["levels"], sig["groups"]))
-    grouping = f"; grouping {sig['grouping']}" if sig.get("grouping") else ""
-    return f"{levels}; {len(sig['shapes'])} tensors{grouping}"

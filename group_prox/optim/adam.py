@@ -167,6 +167,14 @@ class ProxAdam(ProxMixin, torch.optim.AdamW):
     def _prox_state(self) -> dict[str, Any]:
         return {**super()._prox_state(), "prox_metric": self.prox_metric}
 
+    def _check_prox_state(self, state: Any) -> None:
+        super()._check_prox_state(state)
+        if isinstance(state, Mapping) and state.get("prox_metric", "lr") not in _METRICS:
+            raise ValueError(
+                f"ProxAdam.load_state_dict: the checkpoint's prox_metric must be one of "
+                f"{_METRICS}, got {state['prox_metric']!r}."
+            )
+
     def _apply_prox_state(self, state: dict[str, Any] | None) -> None:
         super()._apply_prox_state(state)
         if state is not None:
