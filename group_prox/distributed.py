@@ -46,6 +46,7 @@ __all__ = [
     "full_tensor",
     "is_dtensor",
     "local_count",
+    "local_tensor",
     "process_group",
     "sharding_of",
 ]
@@ -61,6 +62,11 @@ else:  # pragma: no cover - builds without torch.distributed
 def is_dtensor(t: object) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (a sharded or replicated tensor)."""
     return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The data this process holds, detached: the local shard of a ``DTensor``, else ``t``."""
+    return t.detach().to_local() if is_dtensor(t) else t.detach()  # type: ignore[attr-defined]
 
 
 def full_tensor(t: Tensor) -> Tensor:
@@ -196,7 +202,7 @@ class Sharding:
         """This rank's part of ``t`` (by default tensor ``i`` itself), detached; ``t`` may be any
         tensor sharded as tensor ``i`` is (its optimizer state)."""
         t = self.tensors[i].param if t is None else t
-        local = t.detach().to_local() if is_dtensor(t) else t.detach()  # type: ignore[attr-defined]
+        local = local_tensor(t)
         if tuple(local.shape) != self.local_shapes[i]:
             raise ValueError(
                 f"{self.tensors[i].name}: a tensor sharded like it has local shape "
@@ -286,5 +292,5 @@ def local_count(t: Tensor, group: ProcessGroup | None) -> tuple[Tensor, bool]:
             for c, pl in zip(coord, t.placements)  # type: ignore[attr-defined]
             if pl.is_replicate()
         )
-        return t.detach().to_local(), counts  # type: ignore[attr-defined]
-    return t.detach(), torch.distributed.get_rank(group) == 0
+        return local_tensor(t), counts
+    return local_tensor(t), torch.distributed.get_rank(group) == 0

@@ -13,21 +13,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..distributed import is_dtensor
+from ..distributed import local_tensor
 
-__all__ = ["NONFINITE_MODES", "NonFinite", "first_nonfinite", "local_tensor", "parameter_names"]
+__all__ = ["NONFINITE_MODES", "NonFinite", "describe", "first_nonfinite", "parameter_names"]
 
 NonFinite = Literal["raise", "skip", "ignore"]
 NONFINITE_MODES: tuple[str, ...] = ("raise", "skip", "ignore")
 
 
-def local_tensor(t: Tensor) -> Tensor:
-    """The data this process holds: the local shard of a ``DTensor``, else ``t`` itself."""
-    return t.to_local() if is_dtensor(t) else t
-
-
 def _values(t: Tensor) -> Tensor:
-    t = local_tensor(t.detach())
+    t = local_tensor(t)
     return t._values() if t.is_sparse else t
 
 

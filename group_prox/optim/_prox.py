@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed import is_dtensor, process_group
+from ..distributed import is_dtensor, local_tensor, process_group
 from ..hierarchy.core import Hierarchy
 from ..kernels import (
     NonFiniteAtoms,
@@ -207,6 +207,12 @@ class ProxMixin:
         """Return to the proximal step after :meth:`freeze_zero_groups`."""
         self._frozen_keep = None
 
+    def _tensor_names(self) -> dict[int, str]:
+        """The hierarchy's names of its tensors, by ``id``, for messages."""
+        if self._hierarchy is None:
+            return {}
+        return {id(lay.param): lay.name for lay in self._hierarchy.tensors}
+
     def _require_plan(self, what: str) -> ProxPlan:
         if self._plan is None:
             raise ValueError(f"{type(self).__name__}.{what}: the optimizer has no hierarchy.")
@@ -224,7 +230,7 @@ class ProxMixin:
         # whether to step, or one would step (and enter the prox's collective) alone.
         sharded = next((p for g in self.param_groups for p in g["params"] if is_dtensor(p)), None)
         self._nonfinite_group = None if sharded is None else process_group([sharded])
-        self._nonfinite_device = None if sharded is None else sharded.to_local().device
+        self._nonfinite_device = None if sharded is None else local_tensor(sharded).device
         #: Steps skipped because of non-finite values (``nonfinite="skip"``, or a
         #: ``torch.amp.GradScaler`` that found an overflow in a fused step).
         self.skipped_steps = 0
@@ -288,12 +294,7 @@ class ProxMixin:
         bad = first_nonfinite([*grads, *params])
         if bad is None:
             return None
-        known = (
-            {}
-            if self._hierarchy is None
-            else {id(t.param): t.name for t in self._hierarchy.tensors}
-        )
-        names = parameter_names(self.param_groups, known)
+        names = parameter_names(self.param_groups, self._tensor_names())
         if bad < len(grads):
             return (
                 f"the gradient of {names[id(with_grad[bad])]} holds {describe(grads[bad])} values"
@@ -430,12 +431,7 @@ class ProxMixin:
         or of parameters of other shapes, or a damaged one, is refused before anything is loaded:
         the optimizer is then left as it was."""
         owner = f"{type(self).__name__}.load_state_dict"
-        names = (
-            {}
-            if self._hierarchy is None
-            else {id(lay.param): lay.name for lay in self._hierarchy.tensors}
-        )
-        saved_lrs = check_torch_state(owner, state_dict, self.param_groups, names)
+        saved_lrs = check_torch_state(owner, state_dict, self.param_groups, self._tensor_names())
         self._check_step_sizes(saved_lrs)
         torch_state = dict(state_dict)
         prox_state = torch_state.pop(STATE_KEY, None)
