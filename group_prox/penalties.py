@@ -126,6 +126,18 @@ def group_weight(weight: WeightSpec, size: int) -> float:
     return float(weight)  # type: ignore[arg-type]
 
 
+def _describe_weight(weight: WeightSpec) -> str | float:
+    """A weight convention as plain data: its name or number, a callable by qualified name."""
+    if isinstance(weight, (str, float)):
+        return weight
+    module = getattr(weight, "__module__", None) or "?"
+    return f"callable {module}.{getattr(weight, '__qualname__', type(weight).__name__)}"
+
+
+def _describe_groups(groups: frozenset[str] | None) -> list[str] | None:
+    return None if groups is None else sorted(groups)
+
+
 def _flat_group(group: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.detach().reshape(-1).to(_ACC_DTYPE) for t in group])
 
@@ -198,26 +210,53 @@ class Penalty:
         """``Ω(x)`` for the given groups (each a sequence of member tensors), as a float64 scalar."""
         raise NotImplementedError
 
-    def state_dict(self) -> dict[str, float]:
-        return {"lam": self.lam}
+    def state_dict(self) -> dict[str, Any]:
+        """The penalty's kind and options (checked on load) and its tunable values (loaded):
+        ``{"kind", "weight", "groups", "lam"}``, plus ``"l1_ratio"`` for
+        :class:`SparseGroupLasso`. Plain data only (a callable weight is recorded by its
+        qualified name), so ``torch.load(weights_only=True)`` reads it."""
+        return {"kind": self._name, **self._options(), **self._tunables()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load a :meth:`state_dict`; a bad one is refused before anything changes."""
+        """Load a :meth:`state_dict`; one of another kind, with other options or with invalid
+        values is refused before anything changes."""
         for key, value in self._parse_state(state).items():
             setattr(self, key, value)
 
+    def _options(self) -> dict[str, Any]:
+        """What defines the penalty's objective besides its tunable values: fixed at
+        construction, so a checkpoint must agree with them."""
+        return {"weight": _describe_weight(self.weight), "groups": _describe_groups(self.groups)}
+
+    def _tunables(self) -> dict[str, float]:
+        """The values a checkpoint restores (a controller or the user may change them)."""
+        return {"lam": self.lam}
+
     def _parse_state(self, state: object) -> dict[str, float]:
-        """The checked values of a :meth:`state_dict`, so that a caller can refuse it before
-        loading anything."""
+        """The checked tunable values of a :meth:`state_dict`, so that a caller can refuse it
+        before loading anything. A state without ``"kind"`` (saved before kinds and options were
+        recorded) is read for its values alone."""
+        owner = f"{self._name}.load_state_dict"
         if not isinstance(state, Mapping):
             raise TypeError(
-                f"{self._name}.load_state_dict: expected a mapping such as {self.state_dict()!r}, "
+                f"{owner}: expected a mapping such as {self.state_dict()!r}, "
                 f"got {type(state).__name__}."
             )
         if "lam" not in state:
-            raise ValueError(
-                f"{self._name}.load_state_dict: the state has no 'lam' (keys: {sorted(state)})."
-            )
+            raise ValueError(f"{owner}: the state has no 'lam' (keys: {sorted(map(str, state))}).")
+        if "kind" in state:
+            if state["kind"] != self._name:
+                raise ValueError(
+                    f"{owner}: the state is of a {state['kind']!r} penalty, this one is a "
+                    f"{self._name}; build the optimizer with the penalties it was saved with."
+                )
+            for key, mine in self._options().items():
+                theirs = state.get(key, "<missing>")
+                if theirs != mine:
+                    raise ValueError(
+                        f"{owner}: the state was saved with {key}={theirs!r}, this penalty has "
+                        f"{key}={mine!r}; build the penalty with the options it was saved with."
+                    )
         return {"lam": _check_lam(state["lam"], self._name)}
 
     def _validate(self) -> None:
@@ -342,7 +381,7 @@ class SparseGroupLasso(Penalty):
             gl = gl + group_weight(self.weight, x.numel()) * torch.linalg.vector_norm(x).cpu()
         return self.lam * (self.l1_ratio * l1 + (1.0 - self.l1_ratio) * gl)
 
-    def state_dict(self) -> dict[str, float]:
+    def _tunables(self) -> dict[str, float]:
         return {"lam": self.lam, "l1_ratio": self.l1_ratio}
 
     def _parse_state(self, state: object) -> dict[str, float]:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checksums import checksum
 from .kernels import ProxPlan, group_sq_norms, scale_atoms_
 from .optim import ProxAdam, ProxSGD
 from .optim._prox import ProxMixin
@@ -27,6 +28,9 @@ from .penalties import GroupLasso, Penalty, SparseGroupLasso, _check_lam
 __all__ = ["SparsityTarget"]
 
 _RAMPS = ("cubic", "linear", "cosine")
+#: The version of :meth:`SparsityTarget.state_dict`; a state without ``"format"`` was saved before
+#: versions and checksums were recorded and is read with the other checks alone.
+TARGET_FORMAT = "group_prox.sparsity_target/2"
 
 
 class SparsityTarget:
@@ -367,14 +371,19 @@ class SparsityTarget:
     # ---------------------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
         """The controller's state (step count; per level λ, last measured fraction, selected
-        groups and family scales) and its settings, which :meth:`load_state_dict` checks."""
+        groups and family scales), its settings, its format version and a checksum of each of
+        its tensors, which :meth:`load_state_dict` checks."""
+        selected = {lv: sel.clone() for lv, sel in self.selected.items()}
+        family_ref = {lv: ref.clone() for lv, ref in self._family_ref.items()}
         return {
+            "format": TARGET_FORMAT,
             "step_count": self.step_count,
             "lam": dict(self.lam),
             "zero_fraction": dict(self.zero_fraction),
-            "selected": {lv: sel.clone() for lv, sel in self.selected.items()},
-            "family_ref": {lv: ref.clone() for lv, ref in self._family_ref.items()},
+            "selected": selected,
+            "family_ref": family_ref,
             "settings": self._settings(),
+            "checksums": _target_checksums(selected, family_ref),
         }
 
     def _settings(self) -> dict[str, Any]:
@@ -402,6 +411,12 @@ class SparsityTarget:
             raise ValueError(
                 f"{owner}: the state has no {', '.join(map(repr, missing))}; pass the dict "
                 "returned by SparsityTarget.state_dict()."
+            )
+        version = state.get("format")
+        if version is not None and version != TARGET_FORMAT:
+            raise ValueError(
+                f"{owner}: the state has format {version!r}; this version of group_prox reads "
+                f"{TARGET_FORMAT!r} and states saved before formats were recorded."
             )
         saved, mine = state["settings"], self._settings()
         if saved != mine:
@@ -449,6 +464,21 @@ class SparsityTarget:
                     f"{owner}: the family scales of level {level!r} must be a float tensor of "
                     f"{n} entries (one per tensor its groups start in), got {_describe(ref)}."
                 )
+        if version is not None:
+            sums = state.get("checksums")
+            if not isinstance(sums, Mapping):
+                raise TypeError(
+                    f"{owner}: the state's checksums must be a dict, got {_describe(sums)}; "
+                    "the checkpoint is damaged."
+                )
+            for key, value in _target_checksums(selected, family_ref).items():
+                if sums.get(key) != value:
+                    what, level = key.split("/", 1)
+                    what = "selected groups" if what == "selected" else "family scales"
+                    raise ValueError(
+                        f"{owner}: the state's {what} of level {level!r} do not match the "
+                        "checksum recorded when it was saved: the checkpoint is damaged."
+                    )
 
         self.step_count = int(step_count)
         self.lam = lam
@@ -468,6 +498,14 @@ class SparsityTarget:
             f"SparsityTarget({parts}; warmup_steps={self.warmup_steps}, "
             f"reach_step={self.reach_step}, freeze_step={self.freeze_step}, step={self.step_count})"
         )
+
+
+def _target_checksums(
+    selected: Mapping[str, Tensor], family_ref: Mapping[str, Tensor]
+) -> dict[str, int]:
+    sums = {f"selected/{lv}": checksum(t) for lv, t in selected.items()}
+    sums.update({f"family_ref/{lv}": checksum(t) for lv, t in family_ref.items()})
+    return sums
 
 
 def _families(plan: ProxPlan, level: int) -> Tensor | None:

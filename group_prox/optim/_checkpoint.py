@@ -8,18 +8,99 @@ checked here first, so that a refused checkpoint leaves the optimizer exactly as
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..checksums import checksum
 from ..penalties import Penalty
 
-__all__ = ["STATE_KEY", "check_prox_state", "check_torch_state", "describe_hierarchy"]
+__all__ = [
+    "FORMAT",
+    "STATE_KEY",
+    "OptimizerKind",
+    "check_checksums",
+    "check_prox_state",
+    "check_torch_state",
+    "describe_hierarchy",
+    "state_checksums",
+]
 
 #: The key of this package's entry in an optimizer's state dict.
 STATE_KEY = "group_prox"
+#: The version of that entry. An entry without ``"format"`` was saved before versions, kinds and
+#: checksums were recorded; it is read with the other checks alone.
+FORMAT = "group_prox.optimizer/2"
+
+
+@dataclass(frozen=True)
+class OptimizerKind:
+    """What a checkpoint of one optimizer kind holds, to tell it from another kind's before
+    torch replaces anything: the hyper-parameters every param group has, and the buffers of a
+    parameter's state (``required`` in every entry, nothing outside ``allowed``)."""
+
+    name: str
+    group_keys: frozenset[str]
+    state_required: frozenset[str]
+    state_allowed: frozenset[str]
+
+
+def _state_tensors(torch_state: Mapping[Any, Any]) -> Iterator[tuple[str, str, str, Tensor]]:
+    """``(key, parameter id, buffer name, tensor)`` for every tensor of torch's per-parameter
+    state, ``key`` naming where it lies."""
+    for pid, entry in torch_state.items():
+        if not isinstance(entry, Mapping):
+            continue
+        for name, value in entry.items():
+            if isinstance(value, Tensor):
+                yield f"state/{pid}/{name}", str(pid), str(name), value
+
+
+def state_checksums(torch_state: Mapping[Any, Any], frozen: Tensor | None) -> dict[str, int]:
+    """A checksum of every tensor of an optimizer's state dict, keyed by where it lies."""
+    sums = {key: checksum(t) for key, _, _, t in _state_tensors(torch_state)}
+    if frozen is not None:
+        sums["frozen"] = checksum(frozen)
+    return sums
+
+
+def check_checksums(owner: str, state_dict: Mapping[str, Any], names: Mapping[str, str]) -> None:
+    """Refuse a state dict whose tensors differ from the checksums recorded when it was made.
+    ``names``: the parameters' names by the checkpoint's ids (as strings), for messages."""
+    entry = state_dict[STATE_KEY]
+    saved = entry.get("checksums")
+    if not isinstance(saved, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+        for k, v in saved.items()
+    ):
+        raise TypeError(
+            f"{owner}: the checkpoint's checksums must be a dict {{str: int}}, got "
+            f"{type(saved).__name__}; the checkpoint is damaged."
+        )
+    found = {
+        key: (f"{name!r} of parameter {names.get(pid, pid)}", t)
+        for key, pid, name, t in _state_tensors(state_dict["state"])
+    }
+    frozen = entry.get("frozen")
+    if isinstance(frozen, Tensor):
+        found["frozen"] = ("frozen zero pattern", frozen)
+    if set(found) != set(saved):
+        odd = sorted(set(found) ^ set(saved))
+        raise ValueError(
+            f"{owner}: the checkpoint's tensors and checksums do not match ({odd[:3]}): the "
+            "checkpoint was edited or damaged after it was saved."
+        )
+    for key, (where, t) in found.items():
+        if checksum(t) != saved[key]:
+            raise ValueError(
+                f"{owner}: the checkpoint's {where} does not match the checksum recorded when the "
+                "state dict was made: the file is damaged, or the dict was changed after "
+                "state_dict() returned it (it holds the optimizer's live buffers; copy.deepcopy "
+                "it to keep a snapshot)."
+            )
 
 
 def check_torch_state(
@@ -27,11 +108,13 @@ def check_torch_state(
     state_dict: object,
     param_groups: Sequence[Mapping[str, Any]],
     names: Mapping[int, str],
-) -> list[object]:
-    """Check the torch part of a state dict against ``param_groups`` (same numbers of groups and
-    parameters; every state entry a dict whose buffers have its parameter's shape) and return the
-    checkpoint's learning rates, for the optimizer to check as it checks its own. ``names``:
-    parameter names by ``id``, for messages."""
+    kind: OptimizerKind,
+) -> tuple[list[object], dict[str, str]]:
+    """Check the torch part of a state dict against ``param_groups`` and ``kind`` (same numbers
+    of groups and parameters; the kind's hyper-parameters in every group; every state entry a
+    dict of the kind's buffers, shaped like its parameter) and return the checkpoint's learning
+    rates, for the optimizer to check as it checks its own, and the parameters' names by the
+    checkpoint's ids (as strings), for later messages. ``names``: parameter names by ``id``."""
     if not isinstance(state_dict, Mapping):
         raise TypeError(
             f"{owner}: expected the dict returned by optimizer.state_dict(), "
@@ -78,8 +161,13 @@ def check_torch_state(
                 f"this optimizer's {len(group['params'])}; build the optimizer with the "
                 "parameters it was saved with."
             )
-        if "lr" not in saved:
-            raise ValueError(f"{owner}: param group {i} of the checkpoint has no 'lr'.")
+        absent = sorted(kind.group_keys - set(saved))
+        if absent:
+            raise ValueError(
+                f"{owner}: param group {i} of the checkpoint has no {', '.join(map(repr, absent))}: "
+                f"it was not saved by a {kind.name} (nor by its torch.optim counterpart). Load it "
+                "into the optimizer kind that saved it."
+            )
         for j, (pid, p) in enumerate(zip(ids, group["params"])):
             label = names.get(id(p), f"{j} of param group {i}")
             param_of[pid] = (label, p)
@@ -92,6 +180,18 @@ def check_torch_state(
                 f"{owner}: the state of parameter {label} must be a dict, "
                 f"got {type(entry).__name__}."
             )
+        foreign = sorted(set(map(str, entry)) - kind.state_allowed)
+        lacking = sorted(kind.state_required - set(entry))
+        if foreign or lacking:
+            what = (
+                f"holds {', '.join(map(repr, foreign))}"
+                if foreign
+                else f"has no {', '.join(map(repr, lacking))}"
+            )
+            raise ValueError(
+                f"{owner}: the checkpoint's state of parameter {label} {what}: it was not saved "
+                f"by a {kind.name}, or it is damaged. Load it into the optimizer kind that saved it."
+            )
         for key, value in entry.items():
             # Buffers such as momentum and Adam's moments have the parameter's shape; one of
             # another shape would only fail in the middle of a later step.
@@ -101,7 +201,9 @@ def check_torch_state(
                     f"{tuple(value.shape)}, the parameter {tuple(p.shape)}: the checkpoint "
                     "is of another model."
                 )
-    return [g["lr"] for g in saved_groups]
+    return [g["lr"] for g in saved_groups], {
+        str(pid): label for pid, (label, _) in param_of.items()
+    }
 
 
 def check_prox_state(
@@ -118,6 +220,18 @@ def check_prox_state(
         raise TypeError(
             f"{owner}: the checkpoint's {STATE_KEY!r} entry must be a dict, got "
             f"{type(state).__name__}; pass a dict returned by this optimizer's state_dict()."
+        )
+    version = state.get("format")
+    if version is not None and version != FORMAT:
+        raise ValueError(
+            f"{owner}: the checkpoint's entry has format {version!r}; this version of group_prox "
+            f"reads {FORMAT!r} and entries saved before formats were recorded. Load it with the "
+            "group_prox version that saved it."
+        )
+    if version is not None and state.get("optimizer") != mine["optimizer"]:
+        raise ValueError(
+            f"{owner}: the checkpoint was saved by a {state.get('optimizer')!r}, this optimizer is "
+            f"a {mine['optimizer']}; load it into the optimizer kind that saved it."
         )
     theirs = state.get("hierarchy")
     if theirs != mine["hierarchy"]:

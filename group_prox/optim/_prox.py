@@ -22,7 +22,15 @@ from ..kernels import (
 )
 from ..penalties import Penalty
 from ..report import SparsityReport, build_report
-from ._checkpoint import STATE_KEY, check_prox_state, check_torch_state
+from ._checkpoint import (
+    FORMAT,
+    STATE_KEY,
+    OptimizerKind,
+    check_checksums,
+    check_prox_state,
+    check_torch_state,
+    state_checksums,
+)
 from ._nonfinite import NONFINITE_MODES, NonFinite, describe, first_nonfinite, parameter_names
 
 #: A penalty under this key acts on one group holding every parameter of the hierarchy, unless the
@@ -50,6 +58,8 @@ class ProxMixin:
 
     param_groups: list[dict[str, Any]]
     state: Any
+    #: What this optimizer's checkpoints hold, to refuse another kind's before loading any of it.
+    checkpoint_kind: OptimizerKind
 
     def _init_prox(
         self, hierarchy: Hierarchy | None, penalties: Mapping[str, Penalty] | None
@@ -420,28 +430,44 @@ class ProxMixin:
 
     # ------------------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state, plus this package's entry: each penalty's λ (and l1_ratio)
-        and a description of the hierarchy, checked when loading."""
+        """torch's optimizer state, plus this package's entry under ``"group_prox"``: its format
+        version, the optimizer kind, each penalty's kind, options and values (λ, l1_ratio), a
+        description of the hierarchy, the frozen zero pattern, the count of skipped steps and a
+        checksum of every tensor, all checked when loading.
+
+        Like torch's, the dict holds the live state buffers: save it (or ``copy.deepcopy`` it)
+        before the next step, or its checksums no longer match."""
         state = super().state_dict()  # type: ignore[misc]
-        state[STATE_KEY] = self._prox_state()
+        entry = self._prox_state()
+        entry["checksums"] = state_checksums(state["state"], entry["frozen"])
+        state[STATE_KEY] = entry
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load a :meth:`state_dict`. A checkpoint of another hierarchy, of other penalised levels
-        or of parameters of other shapes, or a damaged one, is refused before anything is loaded:
-        the optimizer is then left as it was."""
+        """Load a :meth:`state_dict`, or a state dict of the torch optimizer of the same kind.
+
+        A checkpoint of another optimizer kind, of another hierarchy, of other penalised levels,
+        penalty kinds or options, of parameters of other shapes, of an unknown format, or a
+        damaged one (a tensor that does not match its checksum) is refused before anything is
+        loaded: the optimizer is then left as it was."""
         owner = f"{type(self).__name__}.load_state_dict"
-        saved_lrs = check_torch_state(owner, state_dict, self.param_groups, self._tensor_names())
+        saved_lrs, saved_names = check_torch_state(
+            owner, state_dict, self.param_groups, self._tensor_names(), self.checkpoint_kind
+        )
         self._check_step_sizes(saved_lrs)
         torch_state = dict(state_dict)
         prox_state = torch_state.pop(STATE_KEY, None)
         self._check_prox_state(prox_state)
+        if prox_state is not None and prox_state.get("format") is not None:
+            check_checksums(owner, state_dict, saved_names)
         super().load_state_dict(torch_state)  # type: ignore[misc]
         self._apply_prox_state(prox_state)
 
     def _prox_state(self) -> dict[str, Any]:
         keep = self._frozen_keep
         return {
+            "format": FORMAT,
+            "optimizer": self.checkpoint_kind.name,
             "penalties": {lv: pen.state_dict() for lv, pen in self._penalties.items()},
             "hierarchy": None if self._hierarchy is None else self._hierarchy.signature(),
             "frozen": None if keep is None else keep.detach().to("cpu", torch.bool).clone(),

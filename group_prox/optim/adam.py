@@ -11,6 +11,7 @@ from torch import Tensor
 from ..hierarchy.core import Hierarchy
 from ..kernels import ProxPlan, atom_sum
 from ..penalties import Penalty
+from ._checkpoint import OptimizerKind
 from ._nonfinite import NonFinite
 from ._prox import ProxMixin, unhooked_step
 
@@ -53,6 +54,13 @@ class ProxAdam(ProxMixin, torch.optim.AdamW):
     ``grad`` is ``None`` are skipped by the Adam update but their groups are still shrunk (see
     :class:`~group_prox.ProxSGD`).
     """
+
+    checkpoint_kind = OptimizerKind(
+        "ProxAdam",
+        group_keys=frozenset({"lr", "betas", "eps", "weight_decay", "amsgrad"}),
+        state_required=frozenset({"step", "exp_avg", "exp_avg_sq"}),
+        state_allowed=frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+    )
 
     def __init__(
         self,

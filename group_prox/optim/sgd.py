@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..hierarchy.core import Hierarchy
 from ..penalties import Penalty
+from ._checkpoint import OptimizerKind
 from ._nonfinite import NonFinite
 from ._prox import ProxMixin, unhooked_step
 from .compiled_sgd import CompiledSGDUpdate
@@ -67,6 +68,13 @@ class ProxSGD(ProxMixin, torch.optim.SGD):
           channel) must be shrunk as one.
         * ``maximize`` flips the gradient only; penalties always pull towards zero.
     """
+
+    checkpoint_kind = OptimizerKind(
+        "ProxSGD",
+        group_keys=frozenset({"lr", "momentum", "dampening", "weight_decay", "nesterov"}),
+        state_required=frozenset(),
+        state_allowed=frozenset({"momentum_buffer"}),
+    )
 
     def __init__(
         self,
