@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .distributed import Sharding, sharding_of
 from .hierarchy.core import Hierarchy, TensorLayout
-from .penalties import Penalty
+from .penalties import Penalty, threshold
 
 __all__ = [
     "NonFiniteAtoms",
@@ -334,7 +334,7 @@ def hierarchical_prox_(
         eta_atom = eta.index_select(0, dev.atom_component)
         tau = torch.zeros(eta_atom.shape, dtype=acc, device=device)
         for i, coef in l1:
-            tau += torch.where(dev.in_level[i], eta_atom * coef, 0.0)
+            tau += torch.where(dev.in_level[i], threshold(eta_atom, coef), 0.0)
         soft_threshold_(plan.tensors, tau, plan.sharding)
 
     grouped = [(i, pen) for i, pen in active if pen.has_group_part]
@@ -352,7 +352,8 @@ def hierarchical_prox_(
         # Current atom norms are the read ones times the scales so far (all 1 at the first level).
         sq.scatter_add_(0, owner, atom_sq if k == 0 else atom_sq * scale.square())
         eta_group = eta.index_select(0, dev.group_component[i])
-        group_scale = pen.group_scale(sq[:-1], eta_group, dev.weights[i])
+        # Thresholds are formed in float64 (see penalties.threshold); the scales are rounded once.
+        group_scale = pen.group_scale(sq[:-1], eta_group, dev.weights[i]).to(acc)
         scale.mul_(torch.cat([group_scale, one]).index_select(0, owner))
 
     _multiply_(plan, dev.scale_views)

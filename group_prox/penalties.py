@@ -9,7 +9,9 @@ operator of a penalty ``Ω`` maps a point ``v`` to::
 All penalties below have proxes that are either *elementwise soft-thresholding* or a *scaling of
 each group*, so the optimizer only needs, per group, one scale factor computed from the group's
 Euclidean norm. The scale functions below take squared group norms and return scales; they never
-touch the parameters themselves.
+touch the parameters themselves. Every threshold ``τ = eta·λ·w_g`` is formed by :func:`threshold`:
+``τ = 0`` where ``eta = 0``, so a step of size 0 is the identity at any λ, and a λ beyond the
+parameters' range gives ``τ = +inf`` (the group goes to zero), never a NaN.
 
 Group weights ``w_g`` (``weight=``) follow the usual convention of the group lasso literature:
 
@@ -39,6 +41,7 @@ __all__ = [
     "Penalty",
     "SparseGroupLasso",
     "WeightSpec",
+    "threshold",
 ]
 
 WeightSpec = Literal["sqrt_size", "size"] | float | Callable[[int], float]
@@ -273,6 +276,18 @@ class Penalty:
         return f"{self._name}(lam={self.lam:g}{''.join(', ' + e for e in extra)})"
 
 
+def threshold(eta: Tensor, coef: float | Tensor) -> Tensor:
+    """``τ = η·coef`` in float64, exactly 0 wherever ``η = 0``.
+
+    ``coef`` (λ, or λ times the group weights) may be beyond the range of the parameters' dtype;
+    formed in float64 with the weights before η, a product can overflow only to ``+inf`` (a
+    threshold no group reaches, which is what such a λ means) and never gives ``0·inf = NaN``,
+    so that a step of size 0 is the identity whatever λ is."""
+    eta64 = eta.to(torch.float64)
+    coef64 = coef.to(torch.float64) if isinstance(coef, Tensor) else coef
+    return torch.where(eta64 > 0, eta64 * coef64, 0.0)
+
+
 def _lasso_scale(sq_norms: Tensor, thresholds: Tensor) -> Tensor:
     # where() rather than clamp(1 - t/‖x‖): a zero group stays zero instead of producing NaN.
     norms = sq_norms.sqrt()
@@ -291,7 +306,7 @@ class GroupLasso(Penalty):
     """
 
     def group_scale(self, sq_norms: Tensor, eta: Tensor, weights: Tensor) -> Tensor:
-        return _lasso_scale(sq_norms, eta * (self.lam * weights))
+        return _lasso_scale(sq_norms, threshold(eta, self.lam * weights.to(torch.float64)))
 
     def value(self, groups: Sequence[Sequence[Tensor]]) -> Tensor:
         total = torch.zeros((), dtype=_ACC_DTYPE)
@@ -370,7 +385,8 @@ class SparseGroupLasso(Penalty):
         return self.l1_ratio < 1.0
 
     def group_scale(self, sq_norms: Tensor, eta: Tensor, weights: Tensor) -> Tensor:
-        return _lasso_scale(sq_norms, eta * (self.lam * (1.0 - self.l1_ratio) * weights))
+        coef = self.lam * (1.0 - self.l1_ratio) * weights.to(torch.float64)
+        return _lasso_scale(sq_norms, threshold(eta, coef))
 
     def value(self, groups: Sequence[Sequence[Tensor]]) -> Tensor:
         l1 = torch.zeros((), dtype=_ACC_DTYPE)
@@ -417,7 +433,7 @@ class GroupDecay(Penalty):
         super().__init__(lam, weight=1.0, groups=groups)
 
     def group_scale(self, sq_norms: Tensor, eta: Tensor, weights: Tensor) -> Tensor:
-        return (1.0 / (1.0 + eta * self.lam)).expand_as(sq_norms)
+        return (1.0 / (1.0 + threshold(eta, self.lam))).expand_as(sq_norms)
 
     def value(self, groups: Sequence[Sequence[Tensor]]) -> Tensor:
         total = torch.zeros((), dtype=_ACC_DTYPE)
@@ -447,7 +463,7 @@ class GroupL0(Penalty):
         super().__init__(lam, weight, groups=groups)
 
     def group_scale(self, sq_norms: Tensor, eta: Tensor, weights: Tensor) -> Tensor:
-        keep = 0.5 * sq_norms > eta * (self.lam * weights)
+        keep = 0.5 * sq_norms > threshold(eta, self.lam * weights.to(torch.float64))
         return keep.to(sq_norms.dtype)
 
     def value(self, groups: Sequence[Sequence[Tensor]]) -> Tensor:

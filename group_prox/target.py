@@ -259,6 +259,11 @@ class SparsityTarget:
             selected = torch.zeros(n, dtype=torch.bool)
             selected[self._smallest_first(level, rel_norm, zero, ahead)[:k]] = True
             lam = self.lam[level]
+            if not bool((eta > 0).any()):
+                # lr = 0 (a warm-up from 0, a paused schedule): the prox cannot act, so neither
+                # the zeros nor the lag say anything about λ. Hold it (calibrate later).
+                self._select(level, selected)
+                continue
             if lam is None:
                 lam = self._initial_lam(level, rel_norm, eta)
             else:
@@ -329,9 +334,9 @@ class SparsityTarget:
         self.selected[level] = selected
 
     def _initial_lam(self, level: str, rel_norm: Tensor, eta: Tensor) -> float:
+        """A first λ from the group norms and step sizes (some ``eta > 0``): the level's
+        target quantile of ‖x_g‖/(w_g·η_g), spread over the ramp."""
         alive = eta > 0
-        if not bool(alive.any()):
-            return 0.0
         ratio = (rel_norm / eta.clamp_min(torch.finfo(eta.dtype).tiny))[alive]
         q = float(torch.quantile(ratio, min(max(self.targets[level], 0.05), 0.95)))
         return q / max(1, self.reach_step - self.warmup_steps)

@@ -232,6 +232,8 @@ SCENARIOS = {
     "adam_precond": (gp.ProxAdam, dict(lr=0.05, prox_metric="preconditioner"), 0.015),
     # HSDP: a 2-D mesh (replicate × shard), placements (Replicate(), Shard(0)).
     "hsdp": (gp.ProxSGD, dict(lr=0.1, momentum=0.9), 0.3),
+    # The compiled update runs on each rank's local shards.
+    "sgd_compiled": (gp.ProxSGD, dict(lr=0.1, momentum=0.9, compiled=True), 0.3),
 }
 
 

@@ -130,6 +130,13 @@ class ProxMixin:
                 f"{owner}: the hierarchy holds parameters that are not among the optimizer's "
                 f"parameters: {missing}. Pass the same model's parameters."
             )
+        meta = next((lay for lay in hierarchy.tensors if lay.param.is_meta), None)
+        if meta is not None:
+            raise ValueError(
+                f"{owner}: parameter {meta.name!r} is on the meta device, so the prox cannot read "
+                "it: materialise the model first (model.to_empty(device=...), then initialise "
+                "or load its weights) and build the hierarchy and the optimizer from it."
+            )
         devices = {lay.param.device for lay in hierarchy.tensors}
         if len(devices) > 1:
             raise ValueError(

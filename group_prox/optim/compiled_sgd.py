@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..distributed import local_tensor
+
 __all__ = ["CompiledSGDUpdate"]
 
 
@@ -94,12 +96,18 @@ class CompiledSGDUpdate:
 
     @torch.no_grad()
     def step(self, param_groups: Sequence[dict[str, Any]], state: Any) -> None:
-        """Update every parameter and momentum buffer in place."""
+        """Update every parameter and momentum buffer in place.
+
+        The update is elementwise, so sharded tensors (FSDP2's ``DTensor``s) are updated through
+        their local shards: each rank updates what it holds, with no collective and no DTensor
+        dispatch inside the compiled graph."""
         for index, group in enumerate(param_groups):
-            params = [p.detach() for p in group["params"]]
-            grads = [p.grad for p in group["params"]]
+            params = [local_tensor(p) for p in group["params"]]
+            grads = [local_tensor(p.grad) for p in group["params"]]
             bufs = (
-                [state[p]["momentum_buffer"] for p in group["params"]] if group["momentum"] else []
+                [local_tensor(state[p]["momentum_buffer"]) for p in group["params"]]
+                if group["momentum"]
+                else []
             )
             coefs = torch.tensor(
                 [float(group[k]) for k in ("lr", "momentum", "dampening", "weight_decay")],
