@@ -16,6 +16,8 @@ from torch import nn
 
 import group_prox as gp
 
+from .identical import assert_identical
+
 
 def _model() -> nn.Sequential:
     torch.manual_seed(0)
@@ -73,21 +75,6 @@ def _snapshot(opt: torch.optim.Optimizer) -> dict[str, Any]:
         "frozen": opt.frozen,
         "skipped": opt.skipped_steps,
     }
-
-
-def _assert_same(a: Any, b: Any) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b)
-        for k in a:
-            _assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_same(x, y)
-    else:
-        assert a == b
 
 
 def _set(path: tuple[Any, ...], value: Any) -> Callable[[dict[str, Any]], None]:
@@ -341,7 +328,7 @@ def test_a_damaged_optimizer_checkpoint_is_refused_and_changes_nothing(
     before = _snapshot(opt)
     with pytest.raises(error, match=match):
         opt.load_state_dict(saved)
-    _assert_same(before, _snapshot(opt))
+    assert_identical(before, _snapshot(opt))
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
@@ -354,7 +341,7 @@ def test_good_checkpoints_load(kind):
     _, fresh = _trained(kind)
     fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
     assert fresh.frozen
-    _assert_same(_snapshot(opt)["state"], _snapshot(fresh)["state"])
+    assert_identical(_snapshot(opt)["state"], _snapshot(fresh)["state"])
 
     legacy = copy.deepcopy(opt.state_dict())
     for key in ("format", "optimizer", "checksums"):
@@ -393,7 +380,7 @@ def test_a_bit_flipped_in_a_saved_file_is_refused():
     before = _snapshot(opt)
     with pytest.raises(ValueError, match=r"'exp_avg' of parameter 0\.weight .* checksum"):
         opt.load_state_dict(damaged)
-    _assert_same(before, _snapshot(opt))
+    assert_identical(before, _snapshot(opt))
 
 
 def test_a_state_dict_changed_after_it_was_taken_says_so():
@@ -472,7 +459,7 @@ def test_a_damaged_target_state_is_refused_and_changes_nothing(damage, error, ma
     lam = target.optimizer.penalties["unit"].lam
     with pytest.raises(error, match=match):
         target.load_state_dict(saved)
-    _assert_same(before, target.state_dict())
+    assert_identical(before, target.state_dict())
     assert target.optimizer.penalties["unit"].lam == lam
 
 
@@ -482,4 +469,4 @@ def test_a_target_state_loads_through_a_file():
     torch.save(target.state_dict(), buf)
     _, fresh = _target()
     fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
-    _assert_same(target.state_dict(), fresh.state_dict())
+    assert_identical(target.state_dict(), fresh.state_dict())

@@ -11,6 +11,8 @@ from torch import nn
 
 import group_prox as gp
 
+from .identical import assert_identical
+
 OPTIMIZERS = {
     "sgd": lambda params, **kw: gp.ProxSGD(params, lr=0.05, momentum=0.9, **kw),
     "adam": lambda params, **kw: gp.ProxAdam(params, lr=0.01, **kw),
@@ -54,22 +56,6 @@ def _snapshot(model: nn.Module, opt: torch.optim.Optimizer):
     return copy.deepcopy(model.state_dict()), state
 
 
-def _assert_same(a, b) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a.nan_to_num(), b.nan_to_num()), "a tensor changed"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            _assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_same(x, y)
-    else:
-        assert a == b
-
-
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("where", ["grad", "param"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
@@ -92,9 +78,9 @@ def test_raise_names_the_tensor_and_changes_nothing(name, where, value):
         FloatingPointError, match=rf"{what} holds {word} values.*Nothing was changed"
     ):
         opt.step()
-    _assert_same(before, _snapshot(model, opt))
+    assert_identical(before, _snapshot(model, opt), equal_nan=True)
     for g, p in zip(grads, model.parameters()):
-        _assert_same(g, p.grad)
+        assert_identical(g, p.grad, equal_nan=True)
     assert opt.skipped_steps == 0
 
 
@@ -157,7 +143,7 @@ def test_skip_with_a_closure_returns_the_loss():
 
     loss = opt.step(closure)
     assert torch.isfinite(loss) and opt.skipped_steps == 1
-    _assert_same(before, model.state_dict())
+    assert_identical(before, model.state_dict(), equal_nan=True)
 
 
 def test_ignore_does_not_look():
@@ -193,7 +179,7 @@ def test_grad_scaler_skips_overflowing_steps(name, fused):
         scaler.step(opt)
         scaler.update()
         if step == 2:
-            _assert_same(before, _snapshot(scaled, opt))
+            assert_identical(before, _snapshot(scaled, opt), equal_nan=True)
             assert scaler.get_scale() == 2.0**9
             continue
         ref.zero_grad()

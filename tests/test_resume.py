@@ -17,6 +17,8 @@ from torch import nn
 import group_prox as gp
 from tests import resume_run
 
+from .identical import assert_identical
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [(o, d) for o in ("sgd", "adam") for d in ("float32", "float64")]
 STOP_AT = 12  # inside the ramp of the sparsity controller; its freeze comes after
@@ -31,22 +33,6 @@ def _run_in_new_process(specs: list[dict], tmp_path: Path, name: str) -> None:
         check=True,
         timeout=300,
     )
-
-
-def _assert_bit_identical(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_bit_identical(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_bit_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_resume_in_a_new_process_is_bit_identical(tmp_path):
@@ -74,7 +60,7 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
         tag = f"{opt}-{dtype}"
         whole = torch.load(tmp_path / f"{tag}-whole.pt", weights_only=True)
         resumed = torch.load(tmp_path / f"{tag}-resumed.pt", weights_only=True)
-        _assert_bit_identical(whole, resumed, tag)
+        assert_identical(whole, resumed, tag)
         # The run went through the freeze with real sparsity, not a trivial fixed point.
         assert whole["target"]["step_count"] == resume_run.TOTAL_STEPS
         assert whole["opt"]["group_prox"]["frozen"] is not None
@@ -99,7 +85,7 @@ def test_checkpoints_load_with_weights_only(optimizer):
     for name, obj in fresh.items():
         obj.load_state_dict(saved[name])
     assert fresh["opt"].frozen and fresh["target"].step_count == 26
-    _assert_bit_identical(resume_run.checkpoint(run), resume_run.checkpoint(fresh))
+    assert_identical(resume_run.checkpoint(run), resume_run.checkpoint(fresh))
 
 
 def _mlp_and_optimizer(split: int) -> tuple[nn.Module, gp.ProxSGD]:
@@ -127,7 +113,7 @@ def test_checkpoint_of_another_grouping_is_refused_before_loading():
     before = copy.deepcopy(other.state_dict())
     with pytest.raises(ValueError, match="another hierarchy"):
         other.load_state_dict(state)
-    _assert_bit_identical(before, other.state_dict())
+    assert_identical(before, other.state_dict())
 
 
 def test_checkpoint_of_another_model_size_is_refused():
