@@ -418,7 +418,33 @@ def _with_target(rank: int | None) -> dict[str, Any]:
         "params": [_whole(p) for p in model.parameters()],
         "report": opt.get_sparsity_report().to_dict(),
         "frozen": opt.frozen,
+        "compressed": _compress_gathered(model, rank),
     }
+
+
+def _compress_gathered(model: nn.Module, rank: int | None) -> dict[str, Any]:
+    """The README's recipe: compress refuses sharded parameters; gather the full state dict on
+    rank 0, load it into an unsharded model and compress that."""
+    x = _batches()[0][0]
+    refused = None
+    if rank is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        try:
+            gp.compress(model, example_inputs=x)
+        except ValueError as e:
+            refused = str(e)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+        if not state:  # the full state dict is on rank 0 only
+            return {"refused": refused}
+        model = _mlp()
+        model.load_state_dict(state)
+    small = gp.compress(model, example_inputs=x)
+    with torch.no_grad():
+        out = small(x)
+    widths = [small.fc1.out_features, small.fc2.out_features]
+    return {"refused": refused, "widths": widths, "outputs": out}
 
 
 def _fsdp_worker(rank: int) -> dict[str, Any]:
@@ -482,6 +508,16 @@ def test_fsdp2_with_a_sparsity_target(fsdp_ranks):
         for p, q in zip(out["params"], ref["params"]):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
             assert torch.equal(p == 0, q == 0)
+
+
+def test_compress_refuses_sharded_parameters_and_the_gathered_model_compresses(fsdp_ranks):
+    ref = _with_target(None)["compressed"]
+    assert sum(ref["widths"]) < 7 + 5
+    for out in (r["target"]["compressed"] for r in fsdp_ranks):
+        assert "sharded (DTensor" in out["refused"] and "full_state_dict=True" in out["refused"]
+    gathered = fsdp_ranks[0]["target"]["compressed"]
+    assert gathered["widths"] == ref["widths"]
+    torch.testing.assert_close(gathered["outputs"], ref["outputs"], rtol=1e-10, atol=1e-12)
 
 
 def test_dtensor_placements_match_plain_tensors(fsdp_ranks):

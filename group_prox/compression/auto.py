@@ -49,15 +49,14 @@ from ..hierarchy.auto import (
     _OUT,
     AutoTrace,
     Unit,
-    _forward_fn,
     _import_torch_pruning,
     _producer_params,
     _UnionFind,
     coupled_channels,
     trace_graph,
 )
+from ..inputs import like_model, run_model, tensors_of
 from .plan import CompressionPlan, Op, Side, SliceOp
-from .report import _tensors
 from .surgery import is_depthwise, kept_indices
 
 __all__ = ["built_by_auto", "example_inputs_of", "plan"]
@@ -148,7 +147,7 @@ def plan(
     tp = _import_torch_pruning()
     trace = _trace_of(hierarchy) or AutoTrace(example_inputs, (), (_Conv, nn.Linear), False, {})
     if example_inputs is trace.example_inputs:  # recorded: the model may have moved since
-        example_inputs = _like_model(example_inputs, model)
+        example_inputs = like_model(example_inputs, model)
     ignored: set[nn.Module] = set()
     for name in trace.ignored_layers:
         ignored.update(model.get_submodule(name).modules())
@@ -170,7 +169,7 @@ def plan(
         if found is not None and found[0]:
             removable[c], reads[c] = found
 
-    forward = trace.dependency_kwargs.get("forward_fn") or _forward_fn(example_inputs)
+    forward = trace.dependency_kwargs.get("forward_fn") or run_model
     nonzero, want = _observe(model, example_inputs, forward, reads, removable)
     for c in nonzero:  # the trace's index mapping and the model disagree: leave the channel
         del removable[c]
@@ -184,21 +183,6 @@ def plan(
     return _verified_clusters(
         model, group_roots, removed, removable, sizes, names, example_inputs, forward, want
     )
-
-
-def _like_model(inputs: Any, model: nn.Module) -> Any:
-    """Floating-point tensors of ``inputs`` on the device and in the dtype of ``model``'s first
-    parameter (recorded inputs of a model since moved with ``.to(...)``)."""
-    p = next(model.parameters(), None)
-    if p is None:
-        return inputs
-    if isinstance(inputs, Tensor):
-        return inputs.to(p.device, p.dtype) if inputs.is_floating_point() else inputs.to(p.device)
-    if isinstance(inputs, tuple | list):
-        return type(inputs)(_like_model(x, model) for x in inputs)
-    if isinstance(inputs, Mapping):
-        return {k: _like_model(v, model) for k, v in inputs.items()}
-    return inputs
 
 
 # ----------------------------------------------------------------------------- tracing
@@ -216,13 +200,13 @@ def _trace(
     stay, whatever ``output_transform`` keeps of them) and where each layer's input comes from
     (``F.linear`` on a 3-d input is traced as view, ``weight.t()``, addmm and view, which
     Torch-Pruning couples as element-wise ops)."""
-    forward = dependency_kwargs.get("forward_fn") or _forward_fn(example_inputs)
+    forward = dependency_kwargs.get("forward_fn") or run_model
     returned: list[Any] = []
     layers = [m for m in model.modules() if isinstance(m, _Conv | nn.Linear)]
     input_fns: dict[nn.Module, set[Any]] = {m: set() for m in layers}
 
     def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-        input_fns[module].update(t.grad_fn for t in _tensors(list(args)) if t.grad_fn is not None)
+        input_fns[module].update(t.grad_fn for t in tensors_of(list(args)) if t.grad_fn is not None)
 
     def forward_fn(m: nn.Module, inputs: Any) -> Any:
         handles = [layer.register_forward_pre_hook(record) for layer in layers]
@@ -243,7 +227,7 @@ def _trace(
         "compress()",
         "Check that the model runs on example_inputs.",
     )
-    outputs = {t.grad_fn for t in _tensors(returned) if t.grad_fn is not None}
+    outputs = {t.grad_fn for t in tensors_of(returned) if t.grad_fn is not None}
     return _Traced(graph, outputs, input_fns)
 
 
@@ -515,7 +499,7 @@ def _same_outputs(
             got = forward(small, example_inputs)
     except (RuntimeError, TypeError, ValueError, IndexError):
         return False
-    want_t, got_t = _tensors(want), _tensors(got)
+    want_t, got_t = tensors_of(want), tensors_of(got)
     if len(want_t) != len(got_t):
         return False
     for w, g in zip(want_t, got_t):

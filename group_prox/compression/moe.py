@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from ..hierarchy.moe import _down_index, _fused_expert_groups
-from .plan import Op, ReplaceOp, SliceOp, register_replacement
+from .plan import Op, ReplaceOp, SliceOp, indices, integer, register_replacement
 from .surgery import _check_keep, _set_tensor, kept_indices
 
 __all__ = ["ZeroExpert", "applies", "plan"]
@@ -86,19 +86,27 @@ class ZeroExpert(nn.Module):
 
 @register_replacement("moe_zero_expert")
 def _zero_expert(expert: nn.Module, args: Mapping[str, Any]) -> nn.Module:
-    return ZeroExpert(int(args["in_features"]), int(args["out_features"]))
+    return ZeroExpert(
+        integer(args["in_features"], "args['in_features']", minimum=1),
+        integer(args["out_features"], "args['out_features']", minimum=1),
+    )
 
 
 @register_replacement("moe_fused_hidden")
 def _fused_hidden(experts: nn.Module, args: Mapping[str, Any]) -> nn.Module:
     """Keep hidden units ``args["keep"]`` of every tensor ``name`` along ``args["dims"][name]``."""
     where = f"fused experts {type(experts).__name__!r}"
-    for name, dim in args["dims"].items():
+    keep = indices(args["keep"], "args['keep']")
+    dims = args["dims"]
+    if not isinstance(dims, Mapping):
+        raise ValueError(f"args['dims'] must be a dict {{tensor name: dim}}, got {dims!r:.80}.")
+    for name, dim in dims.items():
+        dim = integer(dim, f"args['dims'][{name!r}]")
         t = getattr(experts, name, None)
-        if not isinstance(t, Tensor) or t.dim() <= int(dim):
+        if not isinstance(t, Tensor) or t.dim() <= dim:
             raise ValueError(f"{where}: has no fused tensor {name!r} with a dimension {dim}.")
-        idx = _check_keep(args["keep"], int(t.shape[dim]), f"{where}, tensor {name!r}")
-        _set_tensor(experts, name, int(dim), idx)
+        idx = _check_keep(keep, int(t.shape[dim]), f"{where}, tensor {name!r}")
+        _set_tensor(experts, name, dim, idx)
     return experts
 
 
@@ -110,7 +118,7 @@ def _keep_experts(experts: nn.Module, args: Mapping[str, Any]) -> nn.Module:
             f"fused experts {type(experts).__name__!r} have no keep_experts(kept) method, which "
             "this plan calls; was the model built with the class that was compressed?"
         )
-    keep([int(e) for e in args["keep"]])
+    keep(list(indices(args["keep"], "args['keep']")))
     return experts
 
 

@@ -12,16 +12,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..inputs import ExampleInputs, batch_size, check, devices, run_model, tensors_of
+
 __all__ = ["CompressionReport", "compression_report", "count_flops", "count_params"]
 
 
 def count_params(model: nn.Module) -> int:
     """Number of parameter scalars (shared parameters counted once)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def as_tuple(inputs: Any) -> tuple[Any, ...]:
-    return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
 @torch.no_grad()
@@ -36,7 +34,7 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with FlopCounterMode(display=False) as counter:
-            model(*as_tuple(example_inputs))
+            run_model(model, example_inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     return int(counter.get_total_flops())
@@ -126,10 +124,10 @@ class CompressionReport:
         return "\n".join([head, *body])
 
 
-def _device_name(inputs: tuple[Any, ...]) -> str:
-    t = next((x for x in inputs if isinstance(x, torch.Tensor)), None)
-    if t is not None and t.is_cuda:
-        return torch.cuda.get_device_name(t.device)
+def _device_name(example_inputs: Any) -> str:
+    cuda = [d for d in devices(example_inputs) if d.type == "cuda"]
+    if cuda:
+        return torch.cuda.get_device_name(cuda[0])
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -140,8 +138,8 @@ def _device_name(inputs: tuple[Any, ...]) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def _sync(inputs: tuple[Any, ...]) -> None:
-    if any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs):
+def _sync(example_inputs: Any) -> None:
+    if any(d.type == "cuda" for d in devices(example_inputs)):
         torch.cuda.synchronize()
 
 
@@ -149,7 +147,7 @@ def _sync(inputs: tuple[Any, ...]) -> None:
 def compression_report(
     model: nn.Module,
     small: nn.Module,
-    example_inputs: Any,
+    example_inputs: ExampleInputs,
     *,
     runs: int = 30,
     warmup: int = 5,
@@ -164,8 +162,9 @@ def compression_report(
     Args:
         model: the original model.
         small: the model returned by :func:`group_prox.compress`.
-        example_inputs: a tensor or a tuple of positional inputs; its first dimension is reported
-            as the batch size.
+        example_inputs: a tensor, a tuple or list of positional inputs, or a dict of keyword
+            inputs (see :mod:`group_prox.inputs`); the first dimension of its first tensor is
+            reported as the batch size.
         runs: timed calls per model (at least 1).
         warmup: untimed calls per model first.
     """
@@ -173,14 +172,15 @@ def compression_report(
         raise ValueError(
             f"compression_report(): need runs >= 1 and warmup >= 0, got {runs}, {warmup}."
         )
-    inputs = as_tuple(example_inputs)
+    check(example_inputs, "compression_report()")
+    inputs = example_inputs
     modes = model.training, small.training
     model.eval(), small.eval()
     try:
-        want, got = model(*inputs), small(*inputs)
+        want, got = run_model(model, inputs), run_model(small, inputs)
         diffs = [
             (w.float() - g.float()).abs().max().item()
-            for w, g in zip(_tensors(want), _tensors(got), strict=True)
+            for w, g in zip(tensors_of(want), tensors_of(got), strict=True)
             if w.numel()
         ]
         flops = count_flops(model, inputs), count_flops(small, inputs)
@@ -189,13 +189,12 @@ def compression_report(
             for m, t in ((model, times[0]), (small, times[1])):
                 _sync(inputs)
                 start = time.perf_counter()
-                m(*inputs)
+                run_model(m, inputs)
                 _sync(inputs)
                 if i >= warmup:
                     t.append(time.perf_counter() - start)
     finally:
         model.train(modes[0]), small.train(modes[1])
-    first = inputs[0]
     return CompressionReport(
         params_before=count_params(model),
         params_after=count_params(small),
@@ -203,19 +202,9 @@ def compression_report(
         flops_after=flops[1],
         latency_before_ms=1e3 * statistics.median(times[0]),
         latency_after_ms=1e3 * statistics.median(times[1]),
-        batch_size=int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1,
+        batch_size=batch_size(inputs),
         runs=runs,
         max_abs_diff=max(diffs, default=0.0),
         device=_device_name(inputs),
         threads=torch.get_num_threads(),
     )
-
-
-def _tensors(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _tensors(v)]
-    if isinstance(out, list | tuple):
-        return [t for v in out for t in _tensors(v)]
-    return []

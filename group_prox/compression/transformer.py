@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .plan import Op, ReplaceOp, SliceOp, register_replacement
+from .plan import Op, ReplaceOp, SliceOp, indices, register_replacement
 from .surgery import kept_indices
 
 __all__ = [
@@ -434,7 +434,7 @@ _ATTENTIONS = (nn.MultiheadAttention, PrunedMultiheadAttention)
 
 @register_replacement("attention_heads")
 def _attention_heads(attention: nn.Module, args: Mapping[str, Any]) -> nn.Module:
-    return PrunedMultiheadAttention.from_attention(attention, args["keep"])
+    return PrunedMultiheadAttention.from_attention(attention, indices(args["keep"], "args['keep']"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,14 +658,21 @@ class CompressedTransformerDecoderLayer(_CompressedLayer):
         return _residual(self.norm_first, self.norm3, x, ff, self.has_mlp)
 
 
+def _sublayer_names(args: Mapping[str, Any]) -> tuple[str, ...]:
+    remove = args.get("remove", [])
+    if not isinstance(remove, list | tuple) or not all(isinstance(s, str) for s in remove):
+        raise ValueError(f"args['remove'] must be a list of sublayer names, got {remove!r:.80}.")
+    return tuple(remove)
+
+
 @register_replacement("transformer_encoder_layer")
 def _encoder_layer(layer: nn.Module, args: Mapping[str, Any]) -> nn.Module:
-    return CompressedTransformerEncoderLayer(layer, args.get("remove", ()))
+    return CompressedTransformerEncoderLayer(layer, _sublayer_names(args))
 
 
 @register_replacement("transformer_decoder_layer")
 def _decoder_layer(layer: nn.Module, args: Mapping[str, Any]) -> nn.Module:
-    return CompressedTransformerDecoderLayer(layer, args.get("remove", ()))
+    return CompressedTransformerDecoderLayer(layer, _sublayer_names(args))
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..inputs import ExampleInputs, check, run_model
 from .core import Hierarchy, Member, common_module_prefix, gc_paused
 
 __all__ = ["auto"]
@@ -204,19 +205,9 @@ def _runs(indices: Sequence[int]) -> list[int | slice]:
     return out
 
 
-def _forward_fn(example_inputs: object) -> Callable[[nn.Module, object], object]:
-    # Torch-Pruning's default tries model(*inputs) first, which silently unbatches a tensor of
-    # batch size 1; say exactly how the inputs are passed instead.
-    if isinstance(example_inputs, Mapping):
-        return lambda model, inputs: model(**inputs)
-    if isinstance(example_inputs, tuple | list):
-        return lambda model, inputs: model(*inputs)
-    return lambda model, inputs: model(inputs)
-
-
 def auto(
     model: nn.Module,
-    example_inputs: Tensor | Sequence[Any] | Mapping[str, Any],
+    example_inputs: ExampleInputs,
     *,
     ignored_layers: Iterable[nn.Module | str] | None = None,
     root_module_types: Sequence[type[nn.Module]] = (nn.modules.conv._ConvNd, nn.Linear),
@@ -315,6 +306,7 @@ def auto(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"auto(): expected an nn.Module, got {type(model).__name__}.")
+    check(example_inputs, "auto()")
     tp = _import_torch_pruning()
 
     if isinstance(ignored_layers, (str, nn.Module)):
@@ -340,7 +332,7 @@ def auto(
             )
         ignored.update(layer.modules())
 
-    kwargs: dict[str, Any] = {"verbose": False, "forward_fn": _forward_fn(example_inputs)}
+    kwargs: dict[str, Any] = {"verbose": False, "forward_fn": run_model}
     kwargs.update(dependency_kwargs or {})
     graph = trace_graph(
         tp,
