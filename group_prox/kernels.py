@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,6 +147,20 @@ class ProxPlan:
         self._base_weights = [lv.weights.clone() for lv in self.levels]
         self.sharding: Sharding | None = sharding_of(self.tensors)
         self._device_cache: dict[torch.device, ProxPlan._OnDevice] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The plan without its per-device buffers (:meth:`on` makes them again when next asked),
+        for ``copy.deepcopy`` and ``pickle``; a sharded plan is refused with a ``TypeError``: its
+        shards belong to a process group."""
+        if self.sharding is not None:
+            raise TypeError(
+                "ProxPlan: the hierarchy's parameters are sharded (DTensor, FSDP2), so the plan "
+                "cannot be copied or pickled. Save the optimizer with torch.distributed.checkpoint "
+                "(or its state_dict()) and build a new one on the copied model."
+            )
+        state = self.__dict__.copy()
+        state["_device_cache"] = {}
+        return state
 
     def atoms_in(self, level: int, groups: Tensor) -> Tensor:
         """Whether each atom lies in a group marked in ``groups`` (bool, one per group of level

@@ -25,8 +25,10 @@ Group weights ``w_g`` (``weight=``) follow the usual convention of the group las
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
+import pickle
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal
 
@@ -135,6 +137,36 @@ def _describe_weight(weight: WeightSpec) -> str | float:
         return weight
     module = getattr(weight, "__module__", None) or "?"
     return f"callable {module}.{getattr(weight, '__qualname__', type(weight).__name__)}"
+
+
+class _WeightInTransit:
+    """A callable weight on its way through ``copy.deepcopy`` or ``pickle`` (see
+    :meth:`Penalty.__getstate__`). ``copy.deepcopy`` copies the callable as it copies any (a
+    function stays itself); ``pickle`` refuses one that cannot be pickled, a lambda or a local
+    function, with a ``TypeError`` that says what to do instead."""
+
+    __slots__ = ("fn", "owner")
+
+    def __init__(self, fn: Callable[[int], float], owner: str) -> None:
+        self.fn = fn
+        self.owner = owner
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _WeightInTransit:
+        return _WeightInTransit(copy.deepcopy(self.fn, memo), self.owner)
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        try:
+            pickle.dumps(self.fn, protocol)
+        except Exception as e:
+            raise TypeError(
+                f"{self.owner}: its weight, the {_describe_weight(self.fn)}, cannot be pickled "
+                f"({type(e).__name__}: {e}), so neither can the penalty nor an optimizer that holds "
+                "it. Give a weight defined at module level (not a lambda or a local function), or "
+                "save optimizer.state_dict() instead (it records the weight by name) and build the "
+                "penalty again with its weight before loading it. copy.deepcopy works with any "
+                "weight."
+            ) from None
+        return (_WeightInTransit, (self.fn, self.owner))
 
 
 def _describe_groups(groups: frozenset[str] | None) -> list[str] | None:
@@ -261,6 +293,22 @@ class Penalty:
                         f"{key}={mine!r}; build the penalty with the options it was saved with."
                     )
         return {"lam": _check_lam(state["lam"], self._name)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The penalty's fields, for ``copy.deepcopy`` and ``pickle``. A callable weight that
+        ``pickle`` cannot pickle (a lambda, a local function) is refused by ``pickle`` with a
+        ``TypeError``; ``copy.deepcopy`` keeps any callable."""
+        state = self.__dict__.copy()
+        if callable(self.weight):
+            state["weight"] = _WeightInTransit(self.weight, self._name)
+        return state
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
+        state = dict(state)
+        weight = state.get("weight")
+        if isinstance(weight, _WeightInTransit):
+            state["weight"] = weight.fn
+        self.__dict__.update(state)
 
     def _validate(self) -> None:
         """Check the fields again: they may have been set without the setters (``_lam``)."""

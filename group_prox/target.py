@@ -110,6 +110,11 @@ class SparsityTarget:
             alone decide.
         snap: at ``freeze_step``, top a level up to its target by zeroing its smallest groups.
 
+    **Copies.** ``copy.deepcopy`` and ``pickle`` carry the whole controller, with its optimizer:
+    copied together (``copy.deepcopy((model, opt, target))``), the copy drives the copied
+    optimizer and continues bit for bit as the original would (see
+    :meth:`ProxSGD.__getstate__ <group_prox.ProxSGD.__getstate__>` for what is refused).
+
     Raises:
         TypeError: if ``optimizer`` is not a group_prox optimizer, or a target is not a number.
         ValueError: for a level without a suitable penalty, a fraction outside ``[0, 1)``, or

@@ -155,7 +155,9 @@ class Hierarchy:
             self._build(levels, _names_from(names))
 
     def _build(self, levels: Mapping[str, LevelSpec], name_of: dict[int, str]) -> None:
-        self._levels = dict(levels)
+        # The levels as given, with every group made a list: an iterable given for a level or a
+        # group is consumed below, and with_level (and copy.deepcopy) need them again.
+        self._levels: dict[str, LevelSpec] = {}
         self.level_names: tuple[str, ...] = tuple(levels)
         for level in self.level_names:
             if not isinstance(level, str) or not level:
@@ -171,6 +173,7 @@ class Hierarchy:
         for level, spec in levels.items():
             named = self._named_groups(level, spec)
             normal_groups = []
+            given: list[list[Member]] = []
             for gname, group in named:
                 where = f"level {level!r}, group {gname!r}"
                 if isinstance(group, (Tensor, str, bytes)) or not isinstance(
@@ -191,6 +194,8 @@ class Hierarchy:
                     cut_dims.setdefault(m.tensor_index, set()).update(m.dims)
                     members.append(m)
                 normal_groups.append((gname, members))
+                given.append(group)
+            self._levels[level] = dict(zip(spec, given)) if isinstance(spec, Mapping) else given
             level_groups[level] = normal_groups
 
         layouts = []

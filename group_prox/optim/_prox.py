@@ -60,6 +60,19 @@ class ProxMixin:
     state: Any
     #: What this optimizer's checkpoints hold, to refuse another kind's before loading any of it.
     checkpoint_kind: OptimizerKind
+    #: The attributes that ``copy.deepcopy`` and ``pickle`` carry besides torch's ``defaults``,
+    #: ``state`` and ``param_groups`` (see :meth:`__getstate__`); a subclass adds its own.
+    _copied_attributes: tuple[str, ...] = (
+        "_hierarchy",
+        "_penalties",
+        "_plan",
+        "_frozen_keep",
+        "_prox_shapes",
+        "nonfinite",
+        "_nonfinite_group",
+        "_nonfinite_device",
+        "skipped_steps",
+    )
 
     def _init_prox(
         self, hierarchy: Hierarchy | None, penalties: Mapping[str, Penalty] | None
@@ -434,6 +447,44 @@ class ProxMixin:
                 "parameters and the optimizer state hold this step's update: reload the last "
                 "checkpoint and lower the learning rate."
             ) from None
+
+    # ------------------------------------------------------------------- copy and pickle
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` carry: torch's ``defaults``, ``state`` and
+        ``param_groups``, and the hierarchy, the penalties, the plan (its per-device buffers are
+        made again at the next step), the frozen zero pattern and the non-finite settings and
+        count. As with torch's optimizers, hooks are not carried.
+
+        Copied together with its model (``copy.deepcopy((model, opt))``, or one ``pickle`` of
+        both), the copy refers to the copied parameters throughout, and training it continues
+        bit for bit as the original would. Refused with a ``TypeError``: sharded parameters
+        (``DTensor``, FSDP2), whose shards belong to a process group; and, by ``pickle`` only, a
+        penalty weight that cannot be pickled (a lambda, a local function)."""
+        sharded = next((p for g in self.param_groups for p in g["params"] if is_dtensor(p)), None)
+        if sharded is not None:
+            name = parameter_names(self.param_groups, self._tensor_names())[id(sharded)]
+            raise TypeError(
+                f"{type(self).__name__} cannot be copied or pickled: its parameter {name} is "
+                "sharded (a DTensor, as under FSDP2), and a copy of a shard is not bound to its "
+                "process group. Save it with torch.distributed.checkpoint (its state from "
+                "torch.distributed.checkpoint.state_dict.get_optimizer_state_dict), or load its "
+                "state_dict() into an optimizer built on the copied model."
+            )
+        state = super().__getstate__()  # type: ignore[misc]
+        for key in self._copied_attributes:
+            if key in self.__dict__:
+                state[key] = self.__dict__[key]
+        if "_penalties" in state:
+            state["_penalties"] = dict(state["_penalties"])  # a read-only view cannot be pickled
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`__getstate__` gave (torch's ``load_state_dict`` also calls this
+        with its own keys alone)."""
+        state = dict(state)
+        if "_penalties" in state:
+            state["_penalties"] = MappingProxyType(dict(state["_penalties"]))
+        super().__setstate__(state)  # type: ignore[misc]
 
     # ------------------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:

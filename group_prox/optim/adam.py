@@ -62,6 +62,8 @@ class ProxAdam(ProxMixin, torch.optim.AdamW):
         state_allowed=frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
     )
 
+    _copied_attributes = (*ProxMixin._copied_attributes, "prox_metric")
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],

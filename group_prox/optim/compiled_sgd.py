@@ -70,6 +70,11 @@ class CompiledSGDUpdate:
     def __init__(self) -> None:
         self._compiled: dict[tuple[int, tuple[bool, ...]], Callable[..., None]] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """No compiled function (they cannot be copied or pickled): a copy compiles its own at
+        its first compiled step, from torch.compile's cache where it has the code."""
+        return {"_compiled": {}}
+
     def _fn(self, index: int, group: dict[str, Any]) -> Callable[..., None]:
         flags = _flags(group)
         fn = self._compiled.get((index, flags))

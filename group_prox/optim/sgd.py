@@ -76,6 +76,8 @@ class ProxSGD(ProxMixin, torch.optim.SGD):
         state_allowed=frozenset({"momentum_buffer"}),
     )
 
+    _copied_attributes = (*ProxMixin._copied_attributes, "_compiled_update")
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
