@@ -10,7 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from ..inputs import ExampleInputs, check, run_model
-from .core import Hierarchy, Member, common_module_prefix, gc_paused
+from .core import (
+    Hierarchy,
+    Member,
+    check_include_frozen,
+    common_module_prefix,
+    gc_paused,
+    without_frozen,
+)
 
 __all__ = ["auto"]
 
@@ -173,10 +180,17 @@ def trace_graph(
     caller: str,
     hint: str,
 ) -> Any:
-    """Torch-Pruning's dependency graph of ``model``, its train/eval flags left as they were."""
+    """Torch-Pruning's dependency graph of ``model``, its train/eval flags and ``requires_grad``
+    left as they were."""
     training = {m: m.training for m in model.modules()}
+    # Torch-Pruning traces through autograd: a layer whose parameters and input need no gradient
+    # (frozen, or fed only by frozen layers) leaves no autograd node, and would be missing from
+    # the graph. Every parameter takes part in the trace; the frozen ones are frozen again after.
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
     try:
-        with torch.enable_grad():  # Torch-Pruning traces through autograd
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, **kwargs
             )
@@ -186,6 +200,8 @@ def trace_graph(
             f"({type(e).__name__}: {e}). {hint}"
         ) from e
     finally:
+        for p in frozen:
+            p.requires_grad_(False)
         for m, mode in training.items():  # the trace leaves the model in eval mode
             m.training = mode
 
@@ -214,6 +230,7 @@ def auto(
     prune_outputs: bool = False,
     branches: bool = True,
     dependency_kwargs: Mapping[str, Any] | None = None,
+    include_frozen: bool = False,
 ) -> Hierarchy:
     """Two-level hierarchy of coupled channels and residual branches, found by tracing the model.
 
@@ -257,6 +274,13 @@ def auto(
       completely.) Group name: the module holding the branch, ``"layer1.0"``, or, where one module
       holds several branches, ``"encoder.layers.encoder_layer_0.{ln_1,self_attention}"``.
 
+    Parameters with ``requires_grad=False`` (frozen) are left out: a group all of whose members
+    lie in frozen tensors is in no level (a coarser group too, once everything in it is frozen),
+    so the hierarchy suits an optimizer over the trainable parameters only. A group with both
+    frozen and trainable members is refused. A channel group may span many layers (a ResNet's
+    stem and the last conv of every block of its first stage write one residual stream): freeze
+    them together, or list the frozen layers in ``ignored_layers``.
+
     The hierarchy keeps ``example_inputs`` and the options below (layers by name), so that
     :func:`group_prox.compress` traces the same graph again without being given inputs.
 
@@ -276,6 +300,8 @@ def auto(
         dependency_kwargs: passed on to ``torch_pruning.DependencyGraph.build_dependency`` (for
             example ``output_transform`` for a model that returns a dict, or
             ``unwrapped_parameters``).
+        include_frozen: keep frozen parameters in their groups instead; then give them to the
+            optimizer too, whose prox shrinks them although no gradient step changes them.
 
     What it cannot find (those parameters are in no group, so not penalised, unless a ``layer``
     group takes them whole):
@@ -297,16 +323,18 @@ def auto(
     others' statistics (not equivalent to removing it).
 
     Raises:
-        TypeError: if ``model`` is not an ``nn.Module``, or ``ignored_layers`` holds something
-            that is neither a module nor a name.
+        TypeError: if ``model`` is not an ``nn.Module``, ``ignored_layers`` holds something
+            that is neither a module nor a name, or ``include_frozen`` is not a ``bool``.
         ImportError: if Torch-Pruning is not installed.
-        ValueError: if a name in ``ignored_layers`` is not a submodule of ``model``.
+        ValueError: if a name in ``ignored_layers`` is not a submodule of ``model``, or a group
+            is partly frozen: the message names the level, the group and the frozen tensors.
         RuntimeError: if Torch-Pruning fails to trace the model (for instance the channel shuffle
             of ShuffleNetV2 in torch-pruning 1.6).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"auto(): expected an nn.Module, got {type(model).__name__}.")
     check(example_inputs, "auto()")
+    check_include_frozen(include_frozen, "auto()")
     tp = _import_torch_pruning()
 
     if isinstance(ignored_layers, (str, nn.Module)):
@@ -346,7 +374,7 @@ def auto(
 
     with gc_paused():
         hierarchy = _from_graph(
-            model, graph, tp, ignored, root_module_types, prune_outputs, branches
+            model, graph, tp, ignored, root_module_types, prune_outputs, branches, include_frozen
         )
     hierarchy._auto_trace = AutoTrace(  # type: ignore[attr-defined]
         example_inputs=example_inputs,
@@ -366,6 +394,7 @@ def _from_graph(
     root_module_types: Sequence[type[nn.Module]],
     prune_outputs: bool,
     branches: bool,
+    include_frozen: bool,
 ) -> Hierarchy:
     """The two levels from Torch-Pruning's dependency graph (see :func:`auto`)."""
     module_names = {m: n for n, m in model.named_modules(remove_duplicate=True)}
@@ -474,7 +503,15 @@ def _from_graph(
     layer: dict[str, list[Member]] = {}
     if branches:
         layer = _branch_groups(graph, tp, module_names, module_order, param_names, base)
-    return Hierarchy({"base_level": base_level, "layer": layer}, names=model)
+    levels = without_frozen(
+        {"base_level": base_level, "layer": layer},
+        model,
+        include_frozen=include_frozen,
+        caller="auto()",
+        hint="list the frozen layers in ignored_layers= (no channel coupled to them is grouped "
+        "then), ",
+    )
+    return Hierarchy(levels, names=model)
 
 
 class _Group:

@@ -103,6 +103,120 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def name_list(names: Sequence[str], limit: int = 3) -> str:
+    """``"a, b, c and 4 more"``: the first ``limit`` names and how many others, for a message."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{', '.join(names[:limit])}{more}"
+
+
+def check_include_frozen(include_frozen: object, caller: str) -> bool:
+    """``include_frozen`` of a builder, checked: a ``bool``."""
+    if not isinstance(include_frozen, (bool, np.bool_)):
+        raise TypeError(
+            f"{caller}: include_frozen must be True or False, got {type(include_frozen).__name__}."
+        )
+    return bool(include_frozen)
+
+
+def without_frozen(
+    levels: Mapping[str, Mapping[str, Sequence[Member]]],
+    model: nn.Module,
+    *,
+    include_frozen: bool,
+    caller: str,
+    hint: str = "",
+) -> dict[str, dict[str, list[Member]]]:
+    """A builder's levels without the groups whose parameters are all frozen.
+
+    The rule every builder of :mod:`group_prox.hierarchy` follows for parameters with
+    ``requires_grad=False`` (frozen): a group (of any level) all of whose members lie in frozen
+    tensors is left out, so a model of which some layers are frozen gets a hierarchy, and an
+    optimizer, over its trainable parameters only. A group of which some members are frozen and
+    others are not is refused: its penalty shrinks all of it by one factor, so it can neither be
+    kept without its frozen part nor left out without its trainable part. A coarser group contains
+    the finer groups inside it, so it is left out only together with all of them, and one holding
+    a frozen finer group next to trainable members is refused too: without its frozen part, what
+    a zero group means would change unnoticed (a residual branch whose last layer is frozen does
+    not output zero when the rest of the branch is zero). The groups kept are a subset of a tree,
+    so still a tree, each with the same members as without frozen parameters.
+
+    With ``include_frozen=True`` the levels are returned as they are (frozen tensors included:
+    give them to the optimizer too, and the prox shrinks them although no gradient step does).
+
+    Args:
+        levels: ``level name -> {group name: members}``, finest level first.
+        model: the model whose parameters all members belong to (when none of them is frozen
+            the levels are returned unchanged), to name parameters in messages.
+        include_frozen: keep frozen parameters (the builder's option, checked here).
+        caller: the builder, ``"resnet()"``, to start messages with.
+        hint: a builder-specific remedy appended to the message for a partly frozen group.
+
+    Raises:
+        ValueError: if a group has both frozen and trainable members; the message names the
+            level, the group and its frozen and trainable tensors.
+    """
+    check_include_frozen(include_frozen, caller)
+    if include_frozen or all(p.requires_grad for p in model.parameters()):
+        return {level: dict(groups) for level, groups in levels.items()}
+    kept_levels: dict[str, dict[str, list[Member]]] = {}
+    for level, groups in levels.items():
+        kept: dict[str, list[Member]] = {}
+        mixed: list[str] = []
+        for gname, members in groups.items():
+            tensors = [_tensor_of(m) for m in members]
+            num_frozen = sum(not t.requires_grad for t in tensors)
+            if num_frozen == 0:
+                kept[gname] = list(members)
+            elif num_frozen < len(tensors):
+                mixed.append(gname)
+        if mixed:
+            _raise_partly_frozen(levels[level], level, mixed, model, caller, hint)
+        kept_levels[level] = kept
+    return kept_levels
+
+
+def _tensor_of(member: Member) -> Tensor:
+    return member if isinstance(member, Tensor) else member[0]
+
+
+def _raise_partly_frozen(
+    groups: Mapping[str, Sequence[Member]],
+    level: str,
+    mixed: list[str],
+    model: nn.Module,
+    caller: str,
+    hint: str,
+) -> None:
+    name_of = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
+    gname = mixed[0]
+    unique = list({id(t): t for t in map(_tensor_of, groups[gname])}.values())
+
+    def names(frozen: bool) -> str:
+        return name_list(
+            [
+                name_of.get(id(t), f"tensor of shape {tuple(t.shape)}")
+                for t in unique
+                if (not t.requires_grad) == frozen
+            ]
+        )
+
+    others = len(mixed) - 1
+    also = ""
+    if others == 1:
+        also = " (1 other group of this level is partly frozen too)"
+    elif others > 1:
+        also = f" ({others} other groups of this level are partly frozen too)"
+    raise ValueError(
+        f"{caller}: group {gname!r} of level {level!r} is partly frozen: its members in "
+        f"{names(True)} have requires_grad=False, those in {names(False)} do not{also}. A group is "
+        "shrunk as one, so it can be neither penalised without its frozen part nor left out "
+        "without its trainable part. Freeze all of the group (requires_grad_(False) on its "
+        f"trainable tensors too) or none of it, {hint}or pass include_frozen=True to keep the "
+        "frozen parameters in the hierarchy and give them to the optimizer too (the prox then "
+        "shrinks them although no gradient step changes them)."
+    )
+
+
 def common_module_prefix(names: Sequence[str]) -> str:
     """The longest dotted module path shared by ``names`` (``""`` if none), to name a group."""
     parts = [n.split(".") for n in names if n]
@@ -462,15 +576,20 @@ class Hierarchy:
             out.append(views)
         return out
 
-    def names_outside(self, params: Iterable[Tensor]) -> str | None:
+    def names_outside(
+        self, params: Iterable[Tensor], *, requires_grad: bool | None = None
+    ) -> str | None:
         """The names of the hierarchy's tensors that are not among ``params``, for a message
-        (``"a, b, c and 4 more"``), or ``None`` if all of them are."""
+        (``"a, b, c and 4 more"``), or ``None`` if all of them are. With ``requires_grad`` given,
+        only the tensors whose ``requires_grad`` has that value count."""
         own = {id(p) for p in params}
-        missing = [lay.name for lay in self.tensors if id(lay.param) not in own]
-        if not missing:
-            return None
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        return f"{', '.join(missing[:3])}{more}"
+        missing = [
+            lay.name
+            for lay in self.tensors
+            if id(lay.param) not in own
+            and (requires_grad is None or lay.param.requires_grad == requires_grad)
+        ]
+        return name_list(missing) if missing else None
 
     def signature(self) -> dict[str, object]:
         """Plain-data description used to detect a checkpoint from another hierarchy."""

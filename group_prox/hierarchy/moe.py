@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .core import Hierarchy, Member, gc_paused
+from .core import Hierarchy, Member, check_include_frozen, gc_paused, without_frozen
 
 __all__ = ["moe"]
 
@@ -118,7 +118,7 @@ def _fused_expert_groups(
 
 
 @gc_paused()
-def moe(model: nn.Module, *, down: str | None = None) -> Hierarchy:
+def moe(model: nn.Module, *, down: str | None = None, include_frozen: bool = False) -> Hierarchy:
     """Two-level hierarchy of every mixture-of-experts layer in ``model``.
 
     An MoE layer is any module with an ``experts`` attribute holding either
@@ -146,8 +146,24 @@ def moe(model: nn.Module, *, down: str | None = None) -> Hierarchy:
     The router and everything outside the experts are in no group and are not penalised: the
     router still sends tokens to a zero expert, with its gate, and they receive ``gate · 0``.
 
+    Parameters with ``requires_grad=False`` (frozen) are left out: a group all of whose members
+    lie in frozen tensors is in no level (a coarser group too, once everything in it is frozen),
+    so the hierarchy suits an optimizer over the trainable parameters only. A group with both
+    frozen and trainable members is refused.
+
+    Args:
+        model: the model holding the MoE layers.
+        down: the name of the experts' projection out of the hidden layer, where it cannot be
+            recognised (see above).
+        include_frozen: keep frozen parameters in their groups instead; then give them to the
+            optimizer too, whose prox shrinks them although no gradient step changes them.
+
     Raises:
-        ValueError: if ``model`` has no ``experts``, or an expert's layout is not recognised.
+        TypeError: if ``model`` is not an ``nn.Module``, ``down`` not a string or
+            ``include_frozen`` not a ``bool``.
+        ValueError: if ``model`` has no ``experts``, an expert's layout is not recognised, or a
+            group is partly frozen (an expert with some of its projections frozen): the message
+            names the level, the group and the frozen tensors.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"moe(): expected an nn.Module, got {type(model).__name__}.")
@@ -156,6 +172,7 @@ def moe(model: nn.Module, *, down: str | None = None) -> Hierarchy:
             "moe(): down must be the name of the experts' projection out of the hidden layer "
             f"(e.g. 'fc2'), or None; got {type(down).__name__}."
         )
+    check_include_frozen(include_frozen, "moe()")
     layers = [
         (name, m.experts)
         for name, m in model.named_modules()
@@ -175,4 +192,10 @@ def moe(model: nn.Module, *, down: str | None = None) -> Hierarchy:
         u, b = build(prefix, experts, down)
         units.update(u)
         blocks.update(b)
-    return Hierarchy({"base_level": units, "block": blocks}, names=model)
+    levels = without_frozen(
+        {"base_level": units, "block": blocks},
+        model,
+        include_frozen=include_frozen,
+        caller="moe()",
+    )
+    return Hierarchy(levels, names=model)

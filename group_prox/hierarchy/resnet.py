@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .core import Hierarchy, Member, gc_paused
+from .core import Hierarchy, Member, check_include_frozen, gc_paused, without_frozen
 
 __all__ = ["resnet"]
 
@@ -39,7 +39,7 @@ def _filter_members(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, i: int) -> list[
 
 
 @gc_paused()
-def resnet(model: nn.Module) -> Hierarchy:
+def resnet(model: nn.Module, *, include_frozen: bool = False) -> Hierarchy:
     """Two-level hierarchy of a ResNet built from torchvision's ``BasicBlock``/``Bottleneck``.
 
     * ``base_level``: one group per output filter of every ``Conv2d`` in the model (the stem, every
@@ -55,11 +55,25 @@ def resnet(model: nn.Module) -> Hierarchy:
     The stem and downsample filters belong to no ``layer`` group. Every other parameter (the
     classifier ``fc`` in particular) is in no group and is not penalised.
 
+    Parameters with ``requires_grad=False`` (frozen) are left out: a group all of whose members
+    lie in frozen tensors is in no level (a coarser group too, once everything in it is frozen),
+    so the hierarchy suits an optimizer over the trainable parameters only. A group with both
+    frozen and trainable members is refused.
+
+    Args:
+        model: the ResNet.
+        include_frozen: keep frozen parameters in their groups instead; then give them to the
+            optimizer too, whose prox shrinks them although no gradient step changes them.
+
     Raises:
-        ValueError: if the model contains no ``BasicBlock`` or ``Bottleneck``.
+        TypeError: if ``model`` is not an ``nn.Module`` or ``include_frozen`` is not a ``bool``.
+        ValueError: if the model contains no ``BasicBlock`` or ``Bottleneck``, or a group is
+            partly frozen (a filter with a frozen BatchNorm, a block with one frozen conv): the
+            message names the level, the group and the frozen tensors.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"resnet(): expected an nn.Module, got {type(model).__name__}.")
+    check_include_frozen(include_frozen, "resnet()")
     blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, _BLOCKS)]
     if not blocks:
         raise ValueError(
@@ -79,4 +93,10 @@ def resnet(model: nn.Module) -> Hierarchy:
                 continue
             members.extend(child.parameters(recurse=True))
         layer[name] = members
-    return Hierarchy({"base_level": base, "layer": layer}, names=model)
+    levels = without_frozen(
+        {"base_level": base, "layer": layer},
+        model,
+        include_frozen=include_frozen,
+        caller="resnet()",
+    )
+    return Hierarchy(levels, names=model)

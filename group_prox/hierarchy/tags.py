@@ -7,7 +7,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .core import Hierarchy, Member, common_module_prefix, gc_paused
+from .core import (
+    Hierarchy,
+    Member,
+    check_include_frozen,
+    common_module_prefix,
+    gc_paused,
+    without_frozen,
+)
 
 __all__ = ["from_module_tags"]
 
@@ -98,14 +105,20 @@ class _Builder:
         for tag in tags:
             self.add(tag, name, list(params.values()))
 
-    def hierarchy(self) -> Hierarchy:
+    def hierarchy(self, include_frozen: bool) -> Hierarchy:
         # Finest first: filters, then the other tags in the order met, whole-module tags before
         # the groups built from structure ("layer" inside "block").
         structural = (BASE, "layer", "block")
         order = [BASE] if self.levels.get(BASE) else []
         order += [t for t in self.levels if t not in structural]
         order += [t for t in ("layer", "block") if t in self.levels]
-        return Hierarchy({t: self.levels[t] for t in order}, names=self.model)
+        levels = without_frozen(
+            {t: self.levels[t] for t in order},
+            self.model,
+            include_frozen=include_frozen,
+            caller="from_module_tags()",
+        )
+        return Hierarchy(levels, names=self.model)
 
 
 def _walk_seed_groups(node: Any, builder: _Builder) -> list[nn.Module]:
@@ -127,7 +140,7 @@ def _walk_seed_groups(node: Any, builder: _Builder) -> list[nn.Module]:
 
 
 @gc_paused()
-def from_module_tags(model: nn.Module) -> Hierarchy:
+def from_module_tags(model: nn.Module, *, include_frozen: bool = False) -> Hierarchy:
     """Hierarchy of a model tagged the way the earlier project tagged its modules.
 
     Tags are read from a module's ``param_groups`` attribute (a list of level names; the earlier
@@ -149,12 +162,26 @@ def from_module_tags(model: nn.Module) -> Hierarchy:
     Levels come finest first: ``base_level``, the other tags in the order met, then ``layer`` and
     ``block``. Untagged parameters are in no group and are not penalised.
 
+    Parameters with ``requires_grad=False`` (frozen) are left out: a group all of whose members
+    lie in frozen tensors is in no level (a coarser group too, once everything in it is frozen),
+    so the hierarchy suits an optimizer over the trainable parameters only. A group with both
+    frozen and trainable members is refused.
+
+    Args:
+        model: the tagged model.
+        include_frozen: keep frozen parameters in their groups instead; then give them to the
+            optimizer too, whose prox shrinks them although no gradient step changes them.
+
     Raises:
-        ValueError: if nothing in the model is tagged, or the tags do not nest (the message of
-            :class:`~group_prox.Hierarchy` names the groups).
+        TypeError: if ``model`` is not an ``nn.Module`` or ``include_frozen`` is not a ``bool``.
+        ValueError: if nothing in the model is tagged, the tags do not nest (the message of
+            :class:`~group_prox.Hierarchy` names the groups), or a group is partly frozen (a
+            filter with a frozen BatchNorm, a tagged block with some layers frozen): the message
+            names the level, the group and the frozen tensors.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_module_tags(): expected an nn.Module, got {type(model).__name__}.")
+    check_include_frozen(include_frozen, "from_module_tags()")
     builder = _Builder(model)
     seen_leaves: set[int] = set()
     get_groups = getattr(model, "get_param_groups", None)
@@ -174,4 +201,4 @@ def from_module_tags(model: nn.Module) -> Hierarchy:
             "from_module_tags(): no module of the model has a `param_groups` tag such as "
             "['base_level']; tag modules, or build the hierarchy with group_prox.Hierarchy(...)."
         )
-    return builder.hierarchy()
+    return builder.hierarchy(include_frozen)

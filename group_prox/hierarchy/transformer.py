@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .core import Hierarchy, Member, gc_paused
+from .core import Hierarchy, Member, check_include_frozen, gc_paused, without_frozen
 
 __all__ = ["transformer"]
 
@@ -79,7 +79,7 @@ def _check_layer(name: str, layer: nn.Module) -> None:
 
 
 @gc_paused()
-def transformer(model: nn.Module) -> Hierarchy:
+def transformer(model: nn.Module, *, include_frozen: bool = False) -> Hierarchy:
     """Two-level hierarchy of a model built from ``torch.nn``'s transformer building blocks.
 
     Every ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer`` (also inside
@@ -135,15 +135,29 @@ def transformer(model: nn.Module) -> Hierarchy:
     leaves its own norm for that sublayer in no group. ``nn.TransformerEncoder`` and
     ``nn.TransformerDecoder`` deep-copy their layer, so their layers share nothing.
 
+    Parameters with ``requires_grad=False`` (frozen) are left out: a group all of whose members
+    lie in frozen tensors is in no level (a coarser group too, once everything in it is frozen),
+    so the hierarchy suits an optimizer over the trainable parameters only. A group with both
+    frozen and trainable members is refused.
+
+    Args:
+        model: the model.
+        include_frozen: keep frozen parameters in their groups instead; then give them to the
+            optimizer too, whose prox shrinks them although no gradient step changes them.
+
     Raises:
-        TypeError: if ``model`` is not an ``nn.Module``.
+        TypeError: if ``model`` is not an ``nn.Module`` or ``include_frozen`` is not a ``bool``.
         ValueError: if the model contains no ``MultiheadAttention``, ``TransformerEncoderLayer`` or
             ``TransformerDecoderLayer``, if such a layer's ``self_attn``/``multihead_attn``/
-            ``linear1``/``linear2`` were replaced by other modules, or if two different sublayers
-            share only some of their parameters (their groups would overlap).
+            ``linear1``/``linear2`` were replaced by other modules, if two different sublayers
+            share only some of their parameters (their groups would overlap), or if a group is
+            partly frozen (a head whose ``out_proj`` is frozen but not its ``in_proj``, a pre-norm
+            sublayer with a frozen LayerNorm): the message names the level, the group and the
+            frozen tensors.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"transformer(): expected an nn.Module, got {type(model).__name__}.")
+    check_include_frozen(include_frozen, "transformer()")
     modules = list(model.named_modules())
     layers = [(n, m) for n, m in modules if isinstance(m, _LAYERS)]
     attentions = [(n, m) for n, m in modules if isinstance(m, nn.MultiheadAttention)]
@@ -192,7 +206,13 @@ def transformer(model: nn.Module) -> Hierarchy:
         add_attention(name, mha, None)
 
     _check_disjoint(model, layer_groups)
-    return Hierarchy({"base_level": base, "layer": layer_groups}, names=model)
+    levels = without_frozen(
+        {"base_level": base, "layer": layer_groups},
+        model,
+        include_frozen=include_frozen,
+        caller="transformer()",
+    )
+    return Hierarchy(levels, names=model)
 
 
 def _check_disjoint(model: nn.Module, layer_groups: dict[str, list[Tensor]]) -> None:

@@ -137,7 +137,17 @@ class ProxMixin:
                     f"{e}"
                 ) from e
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        missing = hierarchy.names_outside(p for g in self.param_groups for p in g["params"])
+        own = [p for g in self.param_groups for p in g["params"]]
+        frozen = hierarchy.names_outside(own, requires_grad=False)
+        if frozen:
+            raise ValueError(
+                f"{owner}: the hierarchy holds frozen parameters (requires_grad=False) that are "
+                f"not among the optimizer's parameters: {frozen}. Build the hierarchy without "
+                "them: the builders of group_prox.hierarchy leave frozen parameters out unless "
+                "include_frozen=True (a hand-built Hierarchy should not list them either). Give "
+                "them to the optimizer only if the prox should shrink them too."
+            )
+        missing = hierarchy.names_outside(own)
         if missing:
             raise ValueError(
                 f"{owner}: the hierarchy holds parameters that are not among the optimizer's "

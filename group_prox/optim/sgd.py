@@ -38,7 +38,8 @@ class ProxSGD(ProxMixin, torch.optim.SGD):
         lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused:
             as for :class:`torch.optim.SGD`.
         hierarchy: the :class:`~group_prox.Hierarchy` of parameter groups, e.g.
-            ``group_prox.hierarchy.resnet(model)``. Every tensor in it must be among ``params``.
+            ``group_prox.hierarchy.resnet(model)``. Every tensor in it must be among ``params``
+            (the builders leave frozen parameters out, so the trainable ones are enough).
         penalties: mapping ``level name -> penalty`` (levels without a penalty are not penalised).
             The key ``"global"``, when the hierarchy has no level of that name, stands for one
             group holding every parameter of the hierarchy.
