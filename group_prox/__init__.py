@@ -1,6 +1,11 @@
 """group_prox: structured sparsity for PyTorch by exact hierarchical proximal gradient."""
 
-from . import compression, hierarchy, penalties
+from . import (
+    compression,
+    families,  # registers the families shipped, after the modules they use
+    hierarchy,
+    penalties,
+)
 from .compression import (
     CompressionReport,
     compress,
@@ -34,6 +39,7 @@ __all__ = [
     "compress",
     "compression",
     "compression_report",
+    "families",
     "from_config",
     "get_sparsity_report",
     "hierarchy",

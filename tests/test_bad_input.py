@@ -666,7 +666,7 @@ def test_empty_hierarchy_steps_as_torch_but_cannot_be_targeted(kind):
 def test_empty_model():
     with pytest.raises(ValueError, match="empty parameter list"):
         gp.ProxSGD(nn.Sequential().parameters(), lr=0.1)
-    with pytest.raises(ValueError, match=r"resnet\(\): the model has no"):
+    with pytest.raises(ValueError, match=r"resnet\(\): the model holds none of"):
         gp.hierarchy.resnet(nn.Sequential())
     report = gp.get_sparsity_report(nn.Sequential(), gp.Hierarchy({}))
     assert report.total_params == 0 and report.zero_fraction == 0.0

@@ -44,8 +44,16 @@ def test_resnet50_bottleneck_structure():
 
 
 def test_not_a_resnet():
-    with pytest.raises(ValueError, match="no torchvision BasicBlock or Bottleneck"):
+    with pytest.raises(ValueError, match=r"none of torchvision ResNet blocks.*hierarchy\.auto"):
         gp.hierarchy.resnet(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+
+
+def test_a_refusal_names_the_builder_that_applies():
+    encoder = nn.TransformerEncoderLayer(8, 2, 16)
+    with pytest.raises(ValueError, match=r"use group_prox\.hierarchy\.transformer\(model\)"):
+        gp.hierarchy.resnet(encoder)
+    with pytest.raises(ValueError, match=r"use group_prox\.hierarchy\.resnet\(model\)"):
+        gp.hierarchy.transformer(digits_resnet18())
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 
 from ..checksums import checksum
 from ..distributed import is_dtensor
+from ..families.registry import families
 from ..hierarchy import Hierarchy
 from ..inputs import ExampleInputs, check, run_model, tensors_of
-from . import auto, moe, resnet, transformer
+from . import auto
 from .plan import CompressionPlan, Op
 
 __all__ = ["compress", "load_compressed", "save_compressed"]
@@ -40,14 +41,11 @@ def _sharded(model: nn.Module) -> bool:
 
 
 def _family_ops(model: nn.Module, multiple: int) -> list[Op] | None:
-    """Operations from every family found in ``model``; ``None`` if no family was found."""
-    found = False
-    ops: list[Op] = []
-    for family in (resnet, transformer, moe):
-        if family.applies(model):
-            found = True
-            ops += family.plan(model, multiple=multiple)
-    return ops if found else None
+    """Operations from every registered family found in ``model``; ``None`` if none was found."""
+    found = [f for f in families() if f.plan is not None and f.applies(model)]
+    if not found:
+        return None
+    return [op for f in found for op in f.plan(model, multiple)]
 
 
 def _check_hierarchy(model: nn.Module, hierarchy: Hierarchy | None) -> None:

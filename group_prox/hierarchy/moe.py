@@ -6,7 +6,7 @@ from torch import nn
 
 from .core import Hierarchy, Member, check_include_frozen, gc_paused, without_frozen
 
-__all__ = ["moe"]
+__all__ = ["has_experts", "moe", "moe_levels"]
 
 # Names that mark the projection out of the hidden layer, for experts where shapes cannot tell.
 _DOWN_NAMES = ("fc2", "w2", "down_proj", "linear2", "w_out", "w_down", "out_proj", "proj_out")
@@ -173,6 +173,32 @@ def moe(model: nn.Module, *, down: str | None = None, include_frozen: bool = Fal
             f"(e.g. 'fc2'), or None; got {type(down).__name__}."
         )
     check_include_frozen(include_frozen, "moe()")
+    units, experts = _expert_groups(model, down)
+    levels = without_frozen(
+        {"base_level": units, "block": experts},
+        model,
+        include_frozen=include_frozen,
+        caller="moe()",
+    )
+    return Hierarchy(levels, names=model)
+
+
+def has_experts(model: nn.Module) -> bool:
+    """Whether some submodule of ``model`` has an ``experts`` module (an MoE layer)."""
+    return any(isinstance(getattr(m, "experts", None), nn.Module) for m in model.modules())
+
+
+def moe_levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
+    """The levels of :func:`moe` in the shared names of :mod:`group_prox.families.registry`
+    (``base_level``: expert hidden units, ``expert``: whole experts), frozen parameters
+    included."""
+    units, experts = _expert_groups(model, None)
+    return {"base_level": units, "expert": experts}
+
+
+def _expert_groups(
+    model: nn.Module, down: str | None
+) -> tuple[dict[str, list[Member]], dict[str, list[Member]]]:
     layers = [
         (name, m.experts)
         for name, m in model.named_modules()
@@ -192,10 +218,4 @@ def moe(model: nn.Module, *, down: str | None = None, include_frozen: bool = Fal
         u, b = build(prefix, experts, down)
         units.update(u)
         blocks.update(b)
-    levels = without_frozen(
-        {"base_level": units, "block": blocks},
-        model,
-        include_frozen=include_frozen,
-        caller="moe()",
-    )
-    return Hierarchy(levels, names=model)
+    return units, blocks

@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from ..families.registry import levels_for
 from .core import Hierarchy, Member, check_include_frozen, gc_paused, without_frozen
 
-__all__ = ["resnet"]
+__all__ = ["resnet", "resnet_levels"]
 
 _BLOCKS = (BasicBlock, Bottleneck)
 
@@ -74,12 +75,24 @@ def resnet(model: nn.Module, *, include_frozen: bool = False) -> Hierarchy:
     if not isinstance(model, nn.Module):
         raise TypeError(f"resnet(): expected an nn.Module, got {type(model).__name__}.")
     check_include_frozen(include_frozen, "resnet()")
+    levels = without_frozen(
+        levels_for(model, "resnet", "resnet()"),
+        model,
+        include_frozen=include_frozen,
+        caller="resnet()",
+    )
+    return Hierarchy(levels, names=model)
+
+
+def has_blocks(model: nn.Module) -> bool:
+    """Whether ``model`` holds a torchvision ``BasicBlock`` or ``Bottleneck``."""
+    return any(isinstance(m, _BLOCKS) for m in model.modules())
+
+
+def resnet_levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
+    """The levels of :func:`resnet` for the torchvision blocks of ``model``, frozen parameters
+    included."""
     blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, _BLOCKS)]
-    if not blocks:
-        raise ValueError(
-            "resnet(): the model has no torchvision BasicBlock or Bottleneck; build the hierarchy "
-            "with group_prox.Hierarchy(...) instead."
-        )
     base: dict[str, list[Member]] = {}
     for name, conv, bn in _conv_bn_pairs(model):
         for i in range(conv.out_channels):
@@ -93,10 +106,4 @@ def resnet(model: nn.Module, *, include_frozen: bool = False) -> Hierarchy:
                 continue
             members.extend(child.parameters(recurse=True))
         layer[name] = members
-    levels = without_frozen(
-        {"base_level": base, "layer": layer},
-        model,
-        include_frozen=include_frozen,
-        caller="resnet()",
-    )
-    return Hierarchy(levels, names=model)
+    return {"base_level": base, "layer": layer}

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..families.registry import levels_for
 from .core import Hierarchy, Member, check_include_frozen, gc_paused, without_frozen
 
-__all__ = ["transformer"]
+__all__ = ["has_torch_transformer", "torch_transformer_levels", "transformer"]
 
 _LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
@@ -158,16 +159,26 @@ def transformer(model: nn.Module, *, include_frozen: bool = False) -> Hierarchy:
     if not isinstance(model, nn.Module):
         raise TypeError(f"transformer(): expected an nn.Module, got {type(model).__name__}.")
     check_include_frozen(include_frozen, "transformer()")
+    levels = without_frozen(
+        levels_for(model, "transformer", "transformer()"),
+        model,
+        include_frozen=include_frozen,
+        caller="transformer()",
+    )
+    return Hierarchy(levels, names=model)
+
+
+def has_torch_transformer(model: nn.Module) -> bool:
+    """Whether ``model`` holds a ``torch.nn`` transformer layer or ``MultiheadAttention``."""
+    return any(isinstance(m, (*_LAYERS, nn.MultiheadAttention)) for m in model.modules())
+
+
+def torch_transformer_levels(model: nn.Module) -> dict[str, dict[str, list]]:
+    """The levels of :func:`transformer` for the ``torch.nn`` layers and attentions of ``model``,
+    frozen parameters included."""
     modules = list(model.named_modules())
     layers = [(n, m) for n, m in modules if isinstance(m, _LAYERS)]
     attentions = [(n, m) for n, m in modules if isinstance(m, nn.MultiheadAttention)]
-    if not layers and not attentions:
-        raise ValueError(
-            "transformer(): the model has no nn.MultiheadAttention, nn.TransformerEncoderLayer or "
-            "nn.TransformerDecoderLayer; build the hierarchy with group_prox.Hierarchy(...) "
-            "instead."
-        )
-
     base: dict[str, list[Member]] = {}
     layer_groups: dict[str, list[Tensor]] = {}
     # Sublayers already grouped, by identity of their modules, so shared ones are grouped once.
@@ -206,13 +217,7 @@ def transformer(model: nn.Module, *, include_frozen: bool = False) -> Hierarchy:
         add_attention(name, mha, None)
 
     _check_disjoint(model, layer_groups)
-    levels = without_frozen(
-        {"base_level": base, "layer": layer_groups},
-        model,
-        include_frozen=include_frozen,
-        caller="transformer()",
-    )
-    return Hierarchy(levels, names=model)
+    return {"base_level": base, "layer": layer_groups}
 
 
 def _check_disjoint(model: nn.Module, layer_groups: dict[str, list[Tensor]]) -> None:
