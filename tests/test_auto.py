@@ -335,3 +335,27 @@ def test_missing_torch_pruning(monkeypatch):
 def test_not_a_module():
     with pytest.raises(TypeError, match=r"expected an nn\.Module"):
         auto(lambda x: x, torch.randn(1, 2))
+
+
+class _Cache:
+    """Stands for a KV cache object in a model's output (not a tensor, not a container)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.keys = [t]
+
+
+class _WithCache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        h = torch.relu(self.fc1(x))
+        return {"logits": self.fc2(h), "past_key_values": _Cache(h), "extra": (None, 3)}
+
+
+def test_auto_traces_the_tensors_of_an_output_holding_a_cache_object():
+    model = _WithCache()
+    h = gp.hierarchy.auto(model, torch.randn(2, 4))
+    assert h.num_groups("base_level") == 8  # the hidden units; outputs stay (prune_outputs=False)

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..inputs import ExampleInputs, check, run_model
+from ..families.registry import applicable
+from ..inputs import ExampleInputs, check, run_model, tensors_of
 from .core import (
     Hierarchy,
     Member,
@@ -360,17 +361,25 @@ def auto(
             )
         ignored.update(layer.modules())
 
-    kwargs: dict[str, Any] = {"verbose": False, "forward_fn": run_model}
+    # The output's tensors only: a Hugging Face output also holds a KV cache object, and the
+    # loss is computed from the logits, which are among them.
+    kwargs: dict[str, Any] = {
+        "verbose": False,
+        "forward_fn": run_model,
+        "output_transform": tensors_of,
+    }
     kwargs.update(dependency_kwargs or {})
-    graph = trace_graph(
-        tp,
-        model,
-        example_inputs,
-        kwargs,
-        "auto()",
-        "Check that model(example_inputs) runs; otherwise build the hierarchy with "
-        "group_prox.Hierarchy(...).",
+    known = [f for f in applicable(model) if f.levels is not None]
+    hint = (
+        " ".join(
+            f"The model holds {f.description}: group_prox.hierarchy.{f.builder}(model) builds "
+            "its hierarchy without tracing."
+            for f in known
+        )
+        or "Check that model(example_inputs) runs; otherwise build the hierarchy with "
+        "group_prox.Hierarchy(...)."
     )
+    graph = trace_graph(tp, model, example_inputs, kwargs, "auto()", hint)
 
     with gc_paused():
         hierarchy = _from_graph(
