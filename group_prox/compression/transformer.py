@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..hierarchy.transformer import register_attention_kind, register_layer_kind
 from .plan import Op, ReplaceOp, SliceOp, indices, register_replacement
 from .surgery import kept_indices
 
@@ -656,6 +657,12 @@ class CompressedTransformerDecoderLayer(_CompressedLayer):
             return self._ff_block(x, self.dropout3)
 
         return _residual(self.norm_first, self.norm3, x, ff, self.has_mlp)
+
+
+# A compressed model gets a hierarchy from group_prox.hierarchy.transformer again.
+register_attention_kind(PrunedMultiheadAttention)
+register_layer_kind(CompressedTransformerEncoderLayer, nn.TransformerEncoderLayer)
+register_layer_kind(CompressedTransformerDecoderLayer, nn.TransformerDecoderLayer)
 
 
 def _sublayer_names(args: Mapping[str, Any]) -> tuple[str, ...]:

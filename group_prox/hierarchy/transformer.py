@@ -7,9 +7,45 @@ from torch import Tensor, nn
 from ..families.registry import levels_for
 from .core import Hierarchy, Member, check_include_frozen, gc_paused, without_frozen
 
-__all__ = ["has_torch_transformer", "torch_transformer_levels", "transformer"]
+__all__ = [
+    "has_torch_transformer",
+    "register_attention_kind",
+    "register_layer_kind",
+    "torch_transformer_levels",
+    "transformer",
+]
 
-_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+# Layer classes by the torch layer whose structure they have (compression's own layers add
+# themselves through register_layer_kind, so that a compressed model gets a hierarchy again).
+_LAYER_KINDS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.TransformerEncoderLayer: nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer: nn.TransformerDecoderLayer,
+}
+_ATTENTIONS: list[type[nn.Module]] = [nn.MultiheadAttention]
+
+
+def register_layer_kind(cls: type[nn.Module], like: type[nn.Module]) -> None:
+    """Group the layers of class ``cls`` as those of ``like`` (``nn.TransformerEncoderLayer`` or
+    ``nn.TransformerDecoderLayer``), whose sublayer attributes they share."""
+    if like not in (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer):
+        raise ValueError(f"register_layer_kind(): like must be a torch layer class, got {like}.")
+    _LAYER_KINDS[cls] = like
+
+
+def register_attention_kind(cls: type[nn.Module]) -> None:
+    """Group the heads of class ``cls`` as those of ``nn.MultiheadAttention``, whose attributes
+    (``num_heads``, ``head_dim``, ``in_proj_weight`` …, ``out_proj``) it has."""
+    if cls not in _ATTENTIONS:
+        _ATTENTIONS.append(cls)
+
+
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, tuple(_LAYER_KINDS))
+
+
+def _is_attention(m: object) -> bool:
+    return isinstance(m, tuple(_ATTENTIONS))
+
 
 # (attention attribute, norm feeding it when norm_first=True), in the order torch applies them.
 _ATTENTION = {
@@ -28,13 +64,14 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _kind(layer: nn.Module) -> type[nn.Module]:
-    return next(k for k in _LAYERS if isinstance(layer, k))
+    return next(like for cls, like in _LAYER_KINDS.items() if isinstance(layer, cls))
 
 
 def _head_members(mha: nn.MultiheadAttention, h: int) -> list[Member]:
     """Rows of head ``h`` in the q, k, v projections (and their biases), its channels of
     ``bias_k``/``bias_v``, and its columns of ``out_proj.weight``."""
-    e, hd = mha.embed_dim, mha.head_dim
+    hd = mha.head_dim
+    e = mha.num_heads * hd  # embed_dim, or fewer rows once compressed
     rows = slice(h * hd, (h + 1) * hd)
     # Fused in_proj_weight/in_proj_bias stack q, k, v along dim 0: head h owns one slice of each.
     qkv_rows = [slice(j * e + h * hd, j * e + (h + 1) * hd) for j in range(3)]
@@ -62,7 +99,7 @@ def _check_layer(name: str, layer: nn.Module) -> None:
     """Refuse subclasses that replaced the sublayers this builder slices."""
     label = name or "the model"
     for attr, _ in _ATTENTION[_kind(layer)]:
-        if not isinstance(getattr(layer, attr, None), nn.MultiheadAttention):
+        if not _is_attention(getattr(layer, attr, None)):
             raise ValueError(
                 f"transformer(): {label}.{attr} is not an nn.MultiheadAttention; build the "
                 "hierarchy with group_prox.Hierarchy(...) instead."
@@ -170,15 +207,15 @@ def transformer(model: nn.Module, *, include_frozen: bool = False) -> Hierarchy:
 
 def has_torch_transformer(model: nn.Module) -> bool:
     """Whether ``model`` holds a ``torch.nn`` transformer layer or ``MultiheadAttention``."""
-    return any(isinstance(m, (*_LAYERS, nn.MultiheadAttention)) for m in model.modules())
+    return any(_is_layer(m) or _is_attention(m) for m in model.modules())
 
 
 def torch_transformer_levels(model: nn.Module) -> dict[str, dict[str, list]]:
     """The levels of :func:`transformer` for the ``torch.nn`` layers and attentions of ``model``,
     frozen parameters included."""
     modules = list(model.named_modules())
-    layers = [(n, m) for n, m in modules if isinstance(m, _LAYERS)]
-    attentions = [(n, m) for n, m in modules if isinstance(m, nn.MultiheadAttention)]
+    layers = [(n, m) for n, m in modules if _is_layer(m)]
+    attentions = [(n, m) for n, m in modules if _is_attention(m)]
     base: dict[str, list[Member]] = {}
     layer_groups: dict[str, list[Tensor]] = {}
     # Sublayers already grouped, by identity of their modules, so shared ones are grouped once.
