@@ -237,3 +237,29 @@ def test_subclassed_layer_is_left_alone_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert len(gp.hierarchy.transformer(model).group_names("layer")) == 2
+
+
+def test_decoder_bert_with_a_cache():
+    """A removed self-attention of a causal BERT still records its tokens in the cache."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, is_decoder=True, **SIZES)
+    model = transformers.BertLMHeadModel(config).to(F64).eval()
+    with torch.no_grad():
+        l0, l1 = _layers(model)
+        for p in (*l0.attention.self.parameters(), *l0.attention.output.dense.parameters()):
+            p.zero_()
+        l1.attention.output.dense.weight[:, HD:] = 0
+    ids = _inputs("bert")["input_ids"]
+    small = gp.compress(model, example_inputs={"input_ids": ids})
+    assert isinstance(_layers(small)[0].attention, RemovedBertAttention)
+
+    def cached(m):
+        with torch.no_grad():
+            first = m(input_ids=ids[:, :6], use_cache=True)
+            cache = getattr(first, "cache", None) or first.past_key_values
+            return m(input_ids=ids[:, 6:], cache=cache, use_cache=True).logits
+
+    assert (cached(model) - cached(small)).abs().max() <= 1e-10
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids[:, :3], **kw), small.generate(ids[:, :3], **kw))

@@ -1,6 +1,6 @@
 """Model families, found through one registry (see :mod:`group_prox.families.registry`)."""
 
-from . import builtin, hf_encoder
+from . import builtin, hf_encoder, hf_gpt2
 from .registry import LEVEL_ORDER, Family, applicable, families, register_family
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "builtin",
     "families",
     "hf_encoder",
+    "hf_gpt2",
     "register_family",
 ]
