@@ -76,6 +76,29 @@ def _tokens(d: int) -> Callable[[], torch.Tensor]:
     return lambda: torch.randn(3, 5, d, generator=torch.Generator().manual_seed(1)).double()
 
 
+def _bert() -> nn.Module:
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=3, attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(config)
+
+
+def _gpt2() -> nn.Module:
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16, attn_implementation="eager"
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _ids() -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))}
+
+
 EXAMPLES: dict[str, Example] = {
     "torchvision-resnet": Example(
         _seeded(_resnet), _images, _every_other(lambda n: ".conv1[" in n and "layer" in n)
@@ -84,6 +107,8 @@ EXAMPLES: dict[str, Example] = {
         _seeded(_torch_encoder), _tokens(16), _every_other(lambda n: True)
     ),
     "experts": Example(_seeded(_moe), _tokens(6), _every_other(lambda n: True)),
+    "hf-encoder": Example(_seeded(_bert), _ids, _every_other(lambda n: True), "transformers"),
+    "hf-gpt2": Example(_seeded(_gpt2), _ids, _every_other(lambda n: True), "transformers"),
 }
 
 BUILDERS = {"resnet": gp.hierarchy.resnet, "transformer": gp.hierarchy.transformer}
