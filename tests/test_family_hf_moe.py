@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import group_prox as gp  # noqa: E402
+from group_prox.compression import CompressionPlan, ReplaceOp  # noqa: E402
 from group_prox.families import hf_moe  # noqa: E402
 
 H, I_MIX, I_MOE, I_SHARED, E, VOCAB = 32, 64, 16, 48, 4, 100
@@ -263,3 +264,55 @@ def test_layout_variants_and_bad_layouts():
         gp.hierarchy.moe(holder)
     with pytest.warns(UserWarning, match="left uncompressed"):
         gp.compress(holder)
+
+
+def test_gpt_oss_transposed_interleaved_experts_with_biases():
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(
+        hidden_size=H,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=VOCAB,
+        num_local_experts=E,
+        num_experts_per_tok=2,
+        experts_implementation="eager",
+        layer_types=["full_attention"] * 2,
+    )
+    model = transformers.GptOssForCausalLM(config).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    h = gp.hierarchy.transformer(model)
+    assert (h.num_groups("base_level"), h.num_groups("expert")) == (2 * E * 16, 2 * E)
+    lay = hf_moe.experts_layout(model.model.layers[0].mlp.experts)
+    assert (lay.transposed, lay.concatenated, lay.up_bias) == (True, False, "gate_up_proj_bias")
+    assert lay.up_rows(3) == [6, 7]
+    x = _tokens()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            ex = layer.mlp.experts
+            ex.down_proj[2] = 0
+            ex.down_proj_bias[2] = 0
+            ex.down_proj[:, ::2, :] = 0
+    small = gp.compress(model, example_inputs=x)
+    ex = small.model.layers[0].mlp.experts
+    assert ex.gate_up_proj.shape == (E - 1, H, 16) and ex.down_proj.shape == (E - 1, 8, H)
+    _assert_same(model, small, x)
+
+
+def test_plans_for_another_architecture_are_refused():
+    model = _model("mixtral")
+    experts = "model.layers.0.mlp.experts"
+    bad = [
+        ReplaceOp(experts, "hf_experts_keep", {"keep": [0, 1], "num_experts": E + 1}),
+        ReplaceOp(experts, "hf_experts_keep", {"keep": [1, 0], "num_experts": E}),
+        ReplaceOp(experts, "hf_experts_hidden", {"keep": [I_MIX]}),
+        ReplaceOp(experts, "hf_experts_hidden", {"keep": [0], "dims": {}}),
+        ReplaceOp("model.layers.0.mlp.gate", "hf_experts_hidden", {"keep": [0]}),
+    ]
+    for op in bad:
+        with pytest.raises(ValueError):
+            CompressionPlan.of([op]).apply(model)
