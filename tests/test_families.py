@@ -95,6 +95,17 @@ def _gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
+def _mixtral() -> nn.Module:
+    import transformers
+
+    config = transformers.MixtralConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        experts_implementation="eager",
+    )  # fmt: skip
+    return transformers.MixtralForCausalLM(config)
+
+
 def _ids() -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))}
 
@@ -108,6 +119,9 @@ EXAMPLES: dict[str, Example] = {
     ),
     "experts": Example(_seeded(_moe), _tokens(6), _every_other(lambda n: True)),
     "hf-encoder": Example(_seeded(_bert), _ids, _every_other(lambda n: True), "transformers"),
+    "hf-fused-experts": Example(
+        _seeded(_mixtral), _ids, _every_other(lambda n: "experts" in n), "transformers"
+    ),
     "hf-gpt2": Example(_seeded(_gpt2), _ids, _every_other(lambda n: True), "transformers"),
 }
 

@@ -124,11 +124,14 @@ def _keep_experts(experts: nn.Module, args: Mapping[str, Any]) -> nn.Module:
 
 def _moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, experts)`` of every MoE layer, ``name`` being the experts module's own name."""
+    from ..families.hf_moe import is_hf_experts  # the family module imports this package
+
     names = {id(m): n for n, m in model.named_modules()}
     layers = []
     for m in model.modules():
         experts = getattr(m, "experts", None)
-        if isinstance(experts, nn.Module) and id(experts) in names:
+        # Hugging Face fused experts are compressed by their own family (families/hf_moe.py).
+        if isinstance(experts, nn.Module) and id(experts) in names and not is_hf_experts(experts):
             layers.append((names[id(experts)], experts))
     return layers
 

@@ -1,6 +1,6 @@
 """Model families, found through one registry (see :mod:`group_prox.families.registry`)."""
 
-from . import builtin, hf_encoder, hf_gpt2
+from . import builtin, hf_encoder, hf_gpt2, hf_moe
 from .registry import LEVEL_ORDER, Family, applicable, families, register_family
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "families",
     "hf_encoder",
     "hf_gpt2",
+    "hf_moe",
     "register_family",
 ]

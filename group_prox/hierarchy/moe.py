@@ -127,6 +127,13 @@ def moe(model: nn.Module, *, down: str | None = None, include_frozen: bool = Fal
       layer (one, or two for gated experts such as SwiGLU's gate and up) and one out of it; or
     * a module of fused parameters: 3-D weights ``[experts, d_in, d_hidden]`` into the hidden layer
       and ``[experts, d_hidden, d_out]`` out of it, with optional 2-D biases ``[experts, width]``.
+    * a Hugging Face fused experts module (transformers 5: ``gate_up_proj [experts, 2·d_hidden,
+      d_model]`` and ``down_proj [experts, d_model, d_hidden]`` in the ``F.linear`` convention,
+      or the variants its ``is_transposed``/``is_concatenated``/``has_gate``/``has_bias`` flags
+      record): hidden unit ``j`` is its gate and up rows and column ``j`` of ``down_proj``, as
+      :mod:`group_prox.families.hf_moe` groups them. ``down=`` does not apply to it. For a
+      transformers MoE model :func:`group_prox.hierarchy.transformer` also gives the shared
+      experts and the sublayers.
 
     The projection out of the hidden layer is recognised by its input width, the others' shared
     output width, when the others also share an input width of their own (gated experts). Where
@@ -212,8 +219,16 @@ def _expert_groups(
         )
     units: dict[str, list[Member]] = {}
     blocks: dict[str, list[Member]] = {}
+    from ..families import hf_moe  # the family module imports this one
+
     for name, experts in layers:
         prefix = f"{name}.experts" if name else "experts"
+        if hf_moe.is_hf_experts(experts):
+            # transformers' layout ([experts, out, in], gate and up rows in one tensor)
+            u, b = hf_moe.expert_groups(prefix, experts)
+            units.update(u)
+            blocks.update(b)
+            continue
         build = _list_expert_groups if isinstance(experts, nn.ModuleList) else _fused_expert_groups
         u, b = build(prefix, experts, down)
         units.update(u)
