@@ -162,3 +162,99 @@ def test_timm_resnet_training_makes_zero_groups_and_skips_frozen():
     assert len(zero) > 0
     small = gp.compress(model, h, example_inputs=x)
     assert num_params(small) < num_params(model)
+
+
+# --------------------------------------------------------------------------------------------
+# Vision Transformer
+
+E, HEADS, HIDDEN, DEPTH = 64, 4, 128, 2
+
+
+def small_vit(**kw) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    config = dict(
+        img_size=32, patch_size=8, embed_dim=E, depth=DEPTH, num_heads=HEADS, mlp_ratio=2.0,
+        num_classes=10, qkv_bias=True, init_values=0.5,
+    )  # fmt: skip
+    return randomise(VisionTransformer(**{**config, **kw})).double()
+
+
+def test_timm_vit_levels_count_heads_neurons_and_sublayers():
+    model = small_vit()
+    h = gp.hierarchy.transformer(model)
+    names = h.group_names("base_level")
+    assert sum(".attn.head[" in g for g in names) == DEPTH * HEADS
+    assert sum(".mlp[" in g for g in names) == DEPTH * HIDDEN
+    assert set(h.group_names("layer")) == {
+        f"blocks.{i}.{s}" for i in range(DEPTH) for s in ("attn", "mlp")
+    }
+    # The pre-norm and the LayerScale belong to their sublayer.
+    layer = dict(zip(h.group_names("layer"), h.groups("layer")))
+    sizes = {tuple(t.shape) for t in layer["blocks.0.attn"]}
+    assert (3 * E, E) in sizes and (E,) in sizes
+
+
+def kill_vit(model: nn.Module) -> list[str]:
+    lv = gp.families.timm_vit.levels(model)
+    killed = ["blocks.0.attn.head[1]", "blocks.0.attn.head[3]"]
+    killed += [f"blocks.{b}.mlp[{i}]" for b in range(DEPTH) for i in range(0, HIDDEN, 2)]
+    for g in killed:
+        zero_members(lv["base_level"][g])
+    zero_members(lv["layer"]["blocks.1.attn"])
+    with torch.no_grad():
+        model.blocks[0].ls2.gamma.zero_()  # a zero LayerScale kills the whole MLP sublayer
+    return killed
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_timm_vit_compress_heads_neurons_and_sublayers(qk_norm):
+    model = small_vit(qk_norm=qk_norm).eval()
+    lv = gp.families.timm_vit.levels(model)
+    killed = kill_vit(model)
+    zeroed = {id(t) if isinstance(t, torch.Tensor) else (id(t[0]), t[1], str(t[2])): t
+              for g in killed for t in lv["base_level"][g]}  # fmt: skip
+    dead = sum(t[0].narrow(t[1], t[2].start, t[2].stop - t[2].start).numel()
+               if isinstance(t[2], slice) else t[0].select(t[1], t[2]).numel()
+               for t in zeroed.values())  # fmt: skip
+    dead += sum(p.numel() for p in lv["layer"]["blocks.1.attn"])
+    small = gp.compress(model)
+    assert isinstance(small.blocks[1], gp.families.timm_vit.CompressedTimmBlock)
+    assert small.blocks[1].removed == ("attn",)
+    assert small.blocks[0].removed == ("mlp",)
+    assert small.blocks[0].attn.num_heads == HEADS - 2
+    assert small.blocks[1].mlp.fc1.out_features == HIDDEN // 2
+    assert num_params(model) - num_params(small) >= 0.9 * dead
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert max_diff(model, small, x) <= 1e-10
+    loaded = roundtrip(small, lambda: small_vit(qk_norm=qk_norm))
+    assert max_diff(small, loaded, x) == 0
+    small.blocks[0].attn.fused_attn = model.blocks[0].attn.fused_attn = False  # manual path too
+    assert max_diff(model, small, x) <= 1e-10
+    # Compressing the compressed model again composes (nothing more to remove here).
+    again = gp.compress(small)
+    assert num_params(again) == num_params(small)
+
+
+def test_timm_vit_training_makes_zero_groups_and_skips_frozen():
+    torch.manual_seed(0)
+    model = small_vit().float()
+    model.patch_embed.requires_grad_(False)
+    model.blocks[0].requires_grad_(False)
+    h = gp.hierarchy.transformer(model)
+    assert not any(g.startswith("blocks.0.") for g in h.group_names("base_level"))
+    assert set(h.group_names("layer")) == {"blocks.1.attn", "blocks.1.mlp"}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = gp.ProxAdam(
+        trainable, lr=1e-2, hierarchy=h,
+        penalties={"base_level": gp.GroupLasso(500.0), "layer": gp.GroupLasso(0.0)},
+    )  # fmt: skip
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    zero = gp.get_sparsity_report(model, h).levels["base_level"].zero_group_names
+    assert len(zero) > 0
+    small = gp.compress(model, h, example_inputs=x)
+    assert num_params(small) < num_params(model)

@@ -1,6 +1,6 @@
 """Model families, found through one registry (see :mod:`group_prox.families.registry`)."""
 
-from . import builtin, timm_resnet
+from . import builtin, timm_resnet, timm_vit
 from .registry import LEVEL_ORDER, Family, applicable, families, register_family
 
 __all__ = [
@@ -11,4 +11,5 @@ __all__ = [
     "families",
     "register_family",
     "timm_resnet",
+    "timm_vit",
 ]
