@@ -1,6 +1,6 @@
 """Model families, found through one registry (see :mod:`group_prox.families.registry`)."""
 
-from . import builtin, timm_resnet, timm_vit
+from . import builtin, timm_resnet, timm_vit, torchvision_vit
 from .registry import LEVEL_ORDER, Family, applicable, families, register_family
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "register_family",
     "timm_resnet",
     "timm_vit",
+    "torchvision_vit",
 ]
