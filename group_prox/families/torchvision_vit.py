@@ -185,9 +185,13 @@ def plan(model: nn.Module, multiple: int = 1) -> list[Op]:
             continue
         remove: list[str] = []
         attn = block.self_attention
-        if attn is not None and hasattr(attn, "out_proj"):
-            if bool(dead_heads(attn).all()) and _zero(attn.out_proj.bias):
-                remove.append("self_attention")
+        if (
+            attn is not None
+            and hasattr(attn, "out_proj")
+            and bool(dead_heads(attn).all())
+            and _zero(attn.out_proj.bias)
+        ):
+            remove.append("self_attention")
         if block.mlp is not None:
             l2 = block.mlp[3]
             dead = (l2.weight.detach() == 0).all(0).cpu()
