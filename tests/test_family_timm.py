@@ -258,3 +258,62 @@ def test_timm_vit_training_makes_zero_groups_and_skips_frozen():
     assert len(zero) > 0
     small = gp.compress(model, h, example_inputs=x)
     assert num_params(small) < num_params(model)
+
+
+# --------------------------------------------------------------------------------------------
+# ConvNeXt
+
+DIMS = (8, 16, 16, 32)
+
+
+def small_convnext(conv_mlp: bool = False) -> nn.Module:
+    from timm.models.convnext import ConvNeXt
+
+    model = ConvNeXt(
+        depths=(1, 2, 1, 1), dims=DIMS, num_classes=10, ls_init_value=0.5, conv_mlp=conv_mlp
+    )
+    return randomise(model).double()
+
+
+@pytest.mark.parametrize("conv_mlp", [False, True])
+def test_timm_convnext_levels_and_compression(conv_mlp):
+    model = small_convnext(conv_mlp).eval()
+    h = gp.hierarchy.resnet(model)
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "ConvNeXtBlock"]
+    assert set(h.group_names("layer")) == set(blocks)
+    assert h.num_groups("base_level") == 4 * (DIMS[0] + 2 * DIMS[1] + DIMS[2] + DIMS[3])
+    lv = gp.families.timm_convnext.levels(model)
+    killed = [f"{b}.mlp[{i}]" for b in blocks for i in range(0, 4 * DIMS[0], 2)]
+    for g in killed:
+        zero_members(lv["base_level"][g])
+    zero_members(lv["layer"]["stages.1.blocks.1"])
+    dead = 2 * len(killed) * model.stages[0].blocks[0].mlp.fc1.weight[0].numel() + len(killed)
+    dead += sum(p.numel() for p in lv["layer"]["stages.1.blocks.1"])
+    small = gp.compress(model)
+    assert isinstance(small.stages[1].blocks[1], gp.families.timm_convnext.ConvNeXtShortcut)
+    assert num_params(model) - num_params(small) >= 0.9 * dead
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert max_diff(model, small, x) <= 1e-10
+    loaded = roundtrip(small, lambda: small_convnext(conv_mlp))
+    assert max_diff(small, loaded, x) == 0
+
+
+def test_timm_convnext_training_makes_zero_neurons_and_skips_frozen():
+    torch.manual_seed(0)
+    model = small_convnext().float()
+    model.stages[0].requires_grad_(False)
+    h = gp.hierarchy.resnet(model)
+    assert not any(g.startswith("stages.0.") for g in h.group_names("layer"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = gp.ProxAdam(
+        trainable, lr=1e-2, hierarchy=h,
+        penalties={"base_level": gp.GroupLasso(500.0), "layer": gp.GroupLasso(0.0)},
+    )  # fmt: skip
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert gp.get_sparsity_report(model, h).levels["base_level"].zero_group_names
+    small = gp.compress(model, h, example_inputs=x)
+    assert num_params(small) < num_params(model)
