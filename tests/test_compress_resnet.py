@@ -13,7 +13,7 @@ from torchvision.models.resnet import BasicBlock
 import group_prox as gp
 from group_prox.compression.resnet import BlockShortcut
 from group_prox.demo import digits_resnet18
-from group_prox.hierarchy.resnet import _conv_bn_pairs
+from group_prox.hierarchy.resnet import conv_bn_pairs
 
 
 def randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
@@ -30,7 +30,7 @@ def randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
 def kill_filters(model: nn.Module, fraction: float, gen: torch.Generator) -> None:
     """Zero a random fraction of (filter, γ, β) triples, as a group lasso on filters does."""
     with torch.no_grad():
-        for _, conv, bn in _conv_bn_pairs(model):
+        for _, conv, bn in conv_bn_pairs(model):
             dead = torch.rand(conv.out_channels, generator=gen) < fraction
             conv.weight[dead] = 0
             bn.weight[dead] = 0

@@ -1,6 +1,15 @@
 """Model families, found through one registry (see :mod:`group_prox.families.registry`)."""
 
-from . import builtin, hf_encoder, hf_gpt2, hf_moe
+from . import (
+    builtin,
+    hf_encoder,
+    hf_gpt2,
+    hf_moe,
+    timm_convnext,
+    timm_resnet,
+    timm_vit,
+    torchvision_vit,
+)
 from .registry import LEVEL_ORDER, Family, applicable, families, register_family
 
 __all__ = [
@@ -13,4 +22,8 @@ __all__ = [
     "hf_gpt2",
     "hf_moe",
     "register_family",
+    "timm_convnext",
+    "timm_resnet",
+    "timm_vit",
+    "torchvision_vit",
 ]

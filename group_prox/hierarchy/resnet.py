@@ -8,12 +8,12 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from ..families.registry import levels_for
 from .core import Hierarchy, Member, check_include_frozen, gc_paused, without_frozen
 
-__all__ = ["resnet", "resnet_levels"]
+__all__ = ["conv_bn_pairs", "filter_members", "resnet", "resnet_levels"]
 
 _BLOCKS = (BasicBlock, Bottleneck)
 
 
-def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d | None]]:
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d | None]]:
     """Each Conv2d with the BatchNorm2d registered right after it (its normalisation), in order."""
     pairs = []
     modules = [m for _, m in model.named_modules()]
@@ -30,7 +30,7 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2
     return pairs
 
 
-def _filter_members(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, i: int) -> list[Member]:
+def filter_members(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, i: int) -> list[Member]:
     members: list[Member] = [(conv.weight, 0, i)]
     if conv.bias is not None:
         members.append((conv.bias, 0, i))
@@ -94,9 +94,9 @@ def resnet_levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
     included."""
     blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, _BLOCKS)]
     base: dict[str, list[Member]] = {}
-    for name, conv, bn in _conv_bn_pairs(model):
+    for name, conv, bn in conv_bn_pairs(model):
         for i in range(conv.out_channels):
-            base[f"{name}[{i}]"] = _filter_members(conv, bn, i)
+            base[f"{name}[{i}]"] = filter_members(conv, bn, i)
 
     layer: dict[str, list[Member]] = {}
     for name, block in blocks:
