@@ -106,6 +106,24 @@ def _mixtral() -> nn.Module:
     return transformers.MixtralForCausalLM(config)
 
 
+def _timm(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from . import test_family_timm
+
+        return getattr(test_family_timm, name)()
+
+    return build
+
+
+def _torchvision_vit() -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+        num_classes=5,
+    )  # fmt: skip
+
+
 def _ids() -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))}
 
@@ -122,6 +140,17 @@ EXAMPLES: dict[str, Example] = {
     "hf-fused-experts": Example(
         _seeded(_mixtral), _ids, _every_other(lambda n: "experts" in n), "transformers"
     ),
+    "timm-resnet": Example(
+        _seeded(_timm("small_resnet")),
+        _images,
+        _every_other(lambda n: ".conv1[" in n and "layer" in n),
+        "timm",
+    ),
+    "timm-vit": Example(_seeded(_timm("small_vit")), _images, _every_other(lambda n: True), "timm"),
+    "timm-convnext": Example(
+        _seeded(_timm("small_convnext")), _images, _every_other(lambda n: True), "timm"
+    ),
+    "torchvision-vit": Example(_seeded(_torchvision_vit), _images, _every_other(lambda n: True)),
     "hf-gpt2": Example(_seeded(_gpt2), _ids, _every_other(lambda n: True), "transformers"),
 }
 
