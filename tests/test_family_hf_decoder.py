@@ -49,8 +49,15 @@ def _config(arch: str) -> transformers.PretrainedConfig:
     return getattr(transformers, cfg_name)(**COMMON, **extra)
 
 
+# Some architectures run eager attention (repeat_kv), the others SDPA (enable_gqa or repeat_kv).
+EAGER = {"qwen3", "gemma"}
+
+
 def _fresh(arch: str) -> nn.Module:
-    return getattr(transformers, ARCHS[arch][1])(_config(arch)).double().eval()
+    model = getattr(transformers, ARCHS[arch][1])(_config(arch)).double().eval()
+    if arch in EAGER:
+        model.config._attn_implementation = "eager"
+    return model
 
 
 @torch.no_grad()
@@ -121,15 +128,23 @@ def _cached_logits(model: nn.Module, ids: torch.Tensor, split: int = 5) -> torch
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs difference; NaNs (eager attention's fully padded rows) must match."""
     assert a.shape == b.shape
-    return (a - b).abs().max().item()
+    assert torch.equal(a.isnan(), b.isnan())
+    return (a - b).nan_to_num(0.0).abs().max().item()
 
 
 def _check_same(model: nn.Module, small: nn.Module) -> float:
     """Same logits with and without the KV cache, same greedy generation; the max difference."""
     x = _inputs()
-    ref = _logits(model, **x)
-    diff = _max_diff(ref, _logits(small, **x))
+    ref, got = _logits(model, **x), _logits(small, **x)
+    # Eager attention in float64 can give NaN in a fully masked (padded) row, where the mask's
+    # finfo.min plus a negative score overflows to -inf; masked keys then spread it (0 * NaN) to
+    # the whole padded sequence. A removed dead sublayer no longer multiplies that NaN by 0, so
+    # compare where the original is finite: everywhere else.
+    assert ref[0].isfinite().all()
+    finite = ref.isfinite()
+    diff = (ref[finite] - got[finite]).abs().max().item()
     assert diff <= 1e-10
     ids = x["input_ids"]
     full = _logits(model, input_ids=ids)

@@ -29,6 +29,12 @@ heads, the layout stays grouped (``num_key_value_groups`` = that number) and the
 kept kv heads only. A dead attention becomes :class:`HFZeroAttention` (zeros, ``None``; it still
 advances the KV cache of its layer so that cached sequence lengths stay right), a dead MLP
 :class:`HFZeroMLP`. Layouts not understood are left alone with a warning.
+
+Exact in ``eval()`` mode for finite activations: a NaN inside a removed structure (eager
+attention's fully masked padded rows can overflow to NaN in float64) is no longer multiplied by 0.
+Left alone: the ``input_layernorm`` of a removed attention (and ``post_attention_layernorm`` of a
+removed MLP) stays and is computed, its output unused; modules shared between layers are not
+looked for.
 """
 
 from __future__ import annotations
