@@ -95,6 +95,16 @@ def _gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
+def _llama() -> nn.Module:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
 def _mixtral() -> nn.Module:
     import transformers
 
@@ -137,6 +147,7 @@ EXAMPLES: dict[str, Example] = {
     ),
     "experts": Example(_seeded(_moe), _tokens(6), _every_other(lambda n: True)),
     "hf-encoder": Example(_seeded(_bert), _ids, _every_other(lambda n: True), "transformers"),
+    "hf-decoder": Example(_seeded(_llama), _ids, _every_other(lambda n: True), "transformers"),
     "hf-fused-experts": Example(
         _seeded(_mixtral), _ids, _every_other(lambda n: "experts" in n), "transformers"
     ),

@@ -2,6 +2,7 @@
 
 from . import (
     builtin,
+    hf_decoder,
     hf_encoder,
     hf_gpt2,
     hf_moe,
@@ -18,6 +19,7 @@ __all__ = [
     "applicable",
     "builtin",
     "families",
+    "hf_decoder",
     "hf_encoder",
     "hf_gpt2",
     "hf_moe",

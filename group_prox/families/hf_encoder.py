@@ -29,7 +29,7 @@ Compression (exact in ``eval()`` mode, with or without an ``attention_mask``):
 * a head is dead when its output-projection columns are 0, or its values are identically 0 (its
   value rows and value bias are 0): its query/key/value rows and output columns are sliced away and
   the attention's ``num_attention_heads`` (and BERT's ``all_head_size``) follow (replacement kind
-  ``"hf_attention_heads"``, which changes only these counts);
+  ``"hf_encoder_attention_heads"``, which changes only these counts);
 * a neuron is dead when its column of ``output.dense``/``fc2`` is 0: sliced away;
 * an attention with no live head, or an MLP with no live neuron, outputs its output bias (a
   constant, often 0): the sublayer goes. Post-norm BERT: the attention becomes
@@ -72,7 +72,7 @@ __all__ = [
 _BERT = {"BertLayer": "transformers.models.bert.", "RobertaLayer": "transformers.models.roberta."}
 _VIT = {"ViTLayer": "transformers.models.vit."}
 _KNOWN = {**_BERT, **_VIT}
-# Self-attention classes whose head count "hf_attention_heads" updates.
+# Self-attention classes whose head count "hf_encoder_attention_heads" updates.
 _SELF_ATTENTIONS = {
     "BertSelfAttention": "transformers.models.bert.",
     "RobertaSelfAttention": "transformers.models.roberta.",
@@ -220,18 +220,20 @@ def _unused_norm(module: nn.Module, args: Mapping[str, Any]) -> nn.Module:
     return nn.Identity()
 
 
-@register_replacement("hf_attention_heads")
+@register_replacement("hf_encoder_attention_heads")
 def _attention_heads(module: nn.Module, args: Mapping[str, Any]) -> nn.Module:
     """Set the head count of a self-attention whose projections were sliced to ``heads`` heads
     (the forward reshapes with ``-1`` heads; the count is kept consistent for everything else)."""
     if not _is(module, _SELF_ATTENTIONS):
-        raise TypeError(f"hf_attention_heads: not a known attention, got {type(module).__name__}.")
-    heads = integer(args["heads"], "hf_attention_heads: args['heads']", minimum=1)
+        raise TypeError(
+            f"hf_encoder_attention_heads: not a known attention, got {type(module).__name__}."
+        )
+    heads = integer(args["heads"], "hf_encoder_attention_heads: args['heads']", minimum=1)
     hd = _head_dim(module)
     for proj in _qkv(module):
         if proj.out_features != heads * hd:
             raise ValueError(
-                f"hf_attention_heads: a projection has {proj.out_features} outputs, not "
+                f"hf_encoder_attention_heads: a projection has {proj.out_features} outputs, not "
                 f"{heads} heads × {hd}."
             )
     module.num_attention_heads = heads
@@ -554,7 +556,7 @@ def _attention_ops(p: _Parts, multiple: int) -> list[Op]:
         out = _join(layer, "attention.o_proj")
     ops: list[Op] = [SliceOp(_join(attn, n), "out", rows) for n in names]
     ops.append(SliceOp(out, "in", rows))
-    ops.append(ReplaceOp(attn, "hf_attention_heads", {"heads": len(keep)}))
+    ops.append(ReplaceOp(attn, "hf_encoder_attention_heads", {"heads": len(keep)}))
     return ops
 
 

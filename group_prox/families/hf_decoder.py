@@ -1,0 +1,537 @@
+"""Hugging Face decoder-only transformers: q/k/v/o attention (grouped-query allowed), gated MLP.
+
+Recognised decoder layers (``transformers`` classes, found by class name and module, so that
+importing group_prox never imports transformers): Llama, Mistral, Qwen2, Qwen3 (``q_norm``/``k_norm``
+over the head dimension), Gemma, and the attention of the MoE decoders Mixtral, Qwen2-MoE and
+Qwen3-MoE (their sparse MLP blocks, modules with ``experts``, belong to the ``experts`` family).
+
+Every such attention computes, in the layout of ``transformers`` (``view(*input_shape, -1,
+head_dim)``), ``o_proj(concat_h o_h)`` with ``o_h = softmax(q_h k_{g(h)}ᵀ·scale + mask) v_{g(h)}``,
+query head ``h`` reading key/value head ``g(h) = h // num_key_value_groups``. So, with
+``hd = head_dim``:
+
+* query head ``h`` contributes exactly 0 when its columns ``h·hd:(h+1)·hd`` of ``o_proj.weight``
+  are 0, or when the values of its kv head are identically 0 (rows of ``v_proj`` and its bias);
+* a kv head is dead when its values are 0 or every query head reading it is dead;
+* the attention outputs exactly 0 when every head is dead and ``o_proj`` has no (or a zero) bias;
+* MLP neuron ``i`` of ``down_proj(act(gate_proj(x)) * up_proj(x))`` contributes 0 when column
+  ``i`` of ``down_proj.weight`` is 0, or row ``i`` of ``up_proj`` (and its bias) is 0; the MLP
+  outputs 0 when every neuron is dead and ``down_proj`` has no (or a zero) bias.
+
+Compression keeps the attention module of ``transformers`` and its ``forward``: only its
+projections shrink. Removing query heads in unequal numbers per kv head breaks the uniform layout
+``repeat_kv`` assumes (query head ``h`` reads kv head ``h // num_key_value_groups``); then
+``k_proj``/``v_proj`` become :class:`HeadGatherLinear` (an ``nn.Linear`` holding the kept kv
+heads' rows that writes, per kept query head, the key/value head it reads) and
+``num_key_value_groups`` becomes 1: the function is exactly the same, and the KV cache then holds
+one key/value head per kept query head. When every kept kv head keeps the same number of query
+heads, the layout stays grouped (``num_key_value_groups`` = that number) and the cache holds the
+kept kv heads only. A dead attention becomes :class:`HFZeroAttention` (zeros, ``None``; it still
+advances the KV cache of its layer so that cached sequence lengths stay right), a dead MLP
+:class:`HFZeroMLP`. Layouts not understood are left alone with a warning.
+
+Exact in ``eval()`` mode for finite activations: a NaN inside a removed structure (eager
+attention's fully masked padded rows can overflow to NaN in float64) is no longer multiplied by 0.
+Left alone: the ``input_layernorm`` of a removed attention (and ``post_attention_layernorm`` of a
+removed MLP) stays and is computed, its output unused; modules shared between layers are not
+looked for.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..compression.plan import Op, ReplaceOp, SliceOp, indices, register_replacement
+from ..compression.surgery import keep_inputs, keep_outputs, kept_indices
+from ..hierarchy.core import Member
+from .registry import Family, register_family
+
+__all__ = [
+    "HFZeroAttention",
+    "HFZeroMLP",
+    "HeadGatherLinear",
+    "applies",
+    "decoder_layers",
+    "levels",
+    "plan",
+]
+
+_ARCHS = ("Llama", "Mistral", "Mixtral", "Qwen2", "Qwen2Moe", "Qwen3", "Qwen3Moe", "Gemma")
+_LAYERS = frozenset(f"{a}DecoderLayer" for a in _ARCHS)
+_ATTENTIONS = frozenset(f"{a}Attention" for a in _ARCHS)
+# Dense gated MLPs ``down_proj(act(gate_proj(x)) * up_proj(x))`` (Mixtral has none).
+_MLPS = frozenset(f"{a}MLP" for a in _ARCHS if a != "Mixtral")
+
+
+def _hf_class(module: nn.Module, names: frozenset[str]) -> bool:
+    cls = type(module)
+    return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
+
+
+def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The recognised ``transformers`` decoder layers of ``model``, with their names."""
+    if sys.modules.get("transformers") is None:
+        return []
+    return [(n, m) for n, m in model.named_modules() if _hf_class(m, _LAYERS)]
+
+
+def applies(model: nn.Module) -> bool:
+    """Whether ``model`` holds a recognised ``transformers`` decoder layer."""
+    return bool(decoder_layers(model))
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+
+
+class HeadGatherLinear(nn.Linear):
+    """``nn.Linear`` whose output, split into heads of ``head_dim``, is gathered by ``heads``:
+    output head ``j`` is head ``heads[j]`` of ``F.linear(x, weight, bias)``.
+
+    ``weight``/``bias`` hold the rows of the kept key/value heads (``out_features`` is their
+    number times ``head_dim``, as for a plain ``Linear``); the output has ``len(heads)`` heads,
+    one per kept query head, so an attention with ``num_key_value_groups = 1`` reads for each
+    query head the key/value head it read before. The parameters keep ``k_proj``/``v_proj``'s
+    state_dict keys (``weight``, ``bias``); the index is not saved (it comes from the plan).
+    """
+
+    def __init__(self, linear: nn.Linear, head_dim: int, heads: Sequence[int]) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.head_dim = head_dim
+        self.heads = tuple(heads)
+        idx = torch.tensor(self.heads, dtype=torch.long, device=linear.weight.device)
+        self.register_buffer("head_index", idx, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight, self.bias).unflatten(-1, (-1, self.head_dim))
+        idx = self.head_index
+        if idx.device != y.device or idx.is_meta:
+            idx = torch.tensor(self.heads, dtype=torch.long, device=y.device)
+        return y.index_select(-2, idx).flatten(-2)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, head_dim={self.head_dim}, heads={list(self.heads)}"
+
+
+def _plain_linear(linear: nn.Linear) -> nn.Linear:
+    """``linear`` as a plain ``nn.Linear`` (same parameter objects)."""
+    if type(linear) is nn.Linear:
+        return linear
+    plain = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
+    plain.weight = linear.weight
+    plain.bias = linear.bias
+    return plain
+
+
+class HFZeroAttention(nn.Module):
+    """A removed attention sublayer: returns ``(zeros_like(hidden_states), None)`` as the
+    decoder layer expects of ``self_attn``. Given a cache, it still adds one zero key/value
+    channel per token for its layer, so that the cache's sequence length (which the model reads
+    from layer 0 to place new positions) stays right."""
+
+    def __init__(self, layer_idx: int | None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: Any = None,
+        attention_mask: Tensor | None = None,
+        cache: Any = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and self.layer_idx is not None:
+            b, n = hidden_states.shape[0], hidden_states.shape[-2]
+            z = hidden_states.new_zeros(b, 1, n, 1)
+            cache.update(z, z, self.layer_idx, kwargs=kwargs)
+        return torch.zeros_like(hidden_states), None
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}"
+
+
+class HFZeroMLP(nn.Module):
+    """A removed MLP sublayer: returns zeros of its input's shape."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts
+
+
+@dataclass(frozen=True)
+class _Layout:
+    head_dim: int
+    q_heads: int
+    kv_heads: int
+    kv_of_q: tuple[int, ...]  # the kv head each query head reads
+
+
+def _layout(attn: nn.Module, where: str) -> _Layout:
+    """The head layout of a recognised attention; ``ValueError`` if it is not one we know."""
+    projs = [getattr(attn, p, None) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    if not all(isinstance(p, nn.Linear) for p in projs):
+        raise ValueError(f"{where}: q_proj/k_proj/v_proj/o_proj are not all nn.Linear")
+    q, k, v, o = projs
+    hd = getattr(attn, "head_dim", None)
+    groups = getattr(attn, "num_key_value_groups", None)
+    if not isinstance(hd, int) or hd < 1 or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{where}: head_dim/num_key_value_groups are not positive ints")
+    if q.out_features % hd or k.out_features % hd or o.in_features != q.out_features:
+        raise ValueError(f"{where}: projection widths do not fit head_dim={hd}")
+    if k.out_features != v.out_features or k.in_features != v.in_features:
+        raise ValueError(f"{where}: k_proj and v_proj differ in shape")
+    nq, nkv = q.out_features // hd, k.out_features // hd
+    gather = [isinstance(p, HeadGatherLinear) for p in (k, v)]
+    if any(gather):
+        if not all(gather) or k.heads != v.heads or k.head_dim != hd or groups != 1:
+            raise ValueError(f"{where}: k_proj/v_proj gather different heads")
+        kv_of_q = k.heads
+        if len(kv_of_q) != nq or any(not 0 <= j < nkv for j in kv_of_q):
+            raise ValueError(f"{where}: k_proj/v_proj gather heads that do not fit q_proj")
+    else:
+        if nq != nkv * groups:
+            raise ValueError(
+                f"{where}: {nq} query heads are not {nkv} kv heads x num_key_value_groups={groups}"
+            )
+        kv_of_q = tuple(h // groups for h in range(nq))
+    return _Layout(hd, nq, nkv, tuple(kv_of_q))
+
+
+def _attention_of(name: str, layer: nn.Module, caller: str) -> tuple[nn.Module, _Layout] | None:
+    """The layer's attention and its layout; ``None`` (with a warning) if not understood, or if
+    it was removed."""
+    attn = getattr(layer, "self_attn", None)
+    where = _join(name, "self_attn")
+    if isinstance(attn, HFZeroAttention):
+        return None
+    if not isinstance(attn, nn.Module) or not _hf_class(attn, _ATTENTIONS):
+        warnings.warn(
+            f"{caller}: {where} is a {type(attn).__name__}, not an attention this family knows; "
+            "it is left alone.",
+            stacklevel=3,
+        )
+        return None
+    try:
+        return attn, _layout(attn, where)
+    except ValueError as e:
+        warnings.warn(f"{caller}: {e}; the attention is left alone.", stacklevel=3)
+        return None
+
+
+def _dense_mlp(name: str, layer: nn.Module, caller: str) -> nn.Module | None:
+    """The layer's dense gated MLP, or ``None``: removed, a sparse (MoE) block, or not
+    understood (then with a warning)."""
+    mlp = getattr(layer, "mlp", None)
+    if isinstance(mlp, HFZeroMLP) or hasattr(mlp, "experts"):
+        return None
+    where = _join(name, "mlp")
+    projs = [getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+    ok = (
+        isinstance(mlp, nn.Module)
+        and _hf_class(mlp, _MLPS)
+        and all(type(p) is nn.Linear for p in projs)
+        and projs[0].out_features == projs[1].out_features == projs[2].in_features
+        and projs[0].in_features == projs[1].in_features
+    )
+    if not ok:
+        warnings.warn(
+            f"{caller}: {where} ({type(mlp).__name__}) is not a gated MLP gate_proj/up_proj/"
+            "down_proj this family knows; it is left alone.",
+            stacklevel=3,
+        )
+        return None
+    return mlp
+
+
+def _norms(layer: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The norms feeding (or, Gemma-2 style, closing) the attention and MLP branches."""
+
+    def get(*names: str) -> list[nn.Module]:
+        return [m for n in names if isinstance(m := getattr(layer, n, None), nn.Module)]
+
+    if hasattr(layer, "pre_feedforward_layernorm"):
+        return (
+            get("input_layernorm", "post_attention_layernorm"),
+            get("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+        )
+    return get("input_layernorm"), get("post_attention_layernorm")
+
+
+# --------------------------------------------------------------------------------------------
+# Levels
+
+
+def _rows(h: int, hd: int) -> slice:
+    return slice(h * hd, (h + 1) * hd)
+
+
+def _linear_rows(linear: nn.Linear, rows: slice) -> list[Member]:
+    members: list[Member] = [(linear.weight, 0, rows)]
+    if linear.bias is not None:
+        members.append((linear.bias, 0, rows))
+    return members
+
+
+def _query_members(attn: nn.Module, h: int, hd: int) -> list[Member]:
+    return [*_linear_rows(attn.q_proj, _rows(h, hd)), (attn.o_proj.weight, 1, _rows(h, hd))]
+
+
+def levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
+    """Levels of the recognised decoder layers (frozen parameters included):
+
+    * ``base_level``: query head ``h`` of each attention (its rows of ``q_proj`` and bias, its
+      columns of ``o_proj``), ``"<layer>.self_attn.head[h]"``; MLP neuron ``i`` (row ``i`` of
+      ``gate_proj``/``up_proj`` and biases, column ``i`` of ``down_proj``), ``"<layer>.mlp[i]"``;
+    * ``kv_head``: key/value head ``j`` (its rows of ``k_proj``/``v_proj`` and biases) with every
+      query head reading it, ``"<layer>.self_attn.kv_head[j]"``;
+    * ``layer``: the attention sublayer (all of ``self_attn``, ``q_norm``/``k_norm`` included, and
+      ``input_layernorm``) ``"<layer>.self_attn"``, and the MLP sublayer (``gate/up/down_proj``
+      and ``post_attention_layernorm``) ``"<layer>.mlp"``;
+    * ``whole_layer``: the whole decoder layer, ``"<layer>"``, for layers with a dense MLP.
+
+    A sparse (MoE) MLP gets no groups here: its attention's groups still apply.
+    """
+    base: dict[str, list[Member]] = {}
+    kv: dict[str, list[Member]] = {}
+    sub: dict[str, list[Member]] = {}
+    whole: dict[str, list[Member]] = {}
+    caller = "transformer()"
+    for name, layer in decoder_layers(model):
+        attn_norms, mlp_norms = _norms(layer)
+        found = _attention_of(name, layer, caller)
+        if found is not None:
+            attn, lay = found
+            a = _join(name, "self_attn")
+            hd = lay.head_dim
+            for h in range(lay.q_heads):
+                base[f"{a}.head[{h}]"] = _query_members(attn, h, hd)
+            for j in range(lay.kv_heads):
+                members = [
+                    *_linear_rows(attn.k_proj, _rows(j, hd)),
+                    *_linear_rows(attn.v_proj, _rows(j, hd)),
+                ]
+                for h in range(lay.q_heads):
+                    if lay.kv_of_q[h] == j:
+                        members += _query_members(attn, h, hd)
+                kv[f"{a}.kv_head[{j}]"] = members
+            sub[a] = [*attn.parameters(), *(p for n in attn_norms for p in n.parameters())]
+        mlp = _dense_mlp(name, layer, caller)
+        if mlp is not None:
+            m = _join(name, "mlp")
+            gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+            for i in range(down.in_features):
+                members = [*_linear_rows(gate, slice(i, i + 1)), *_linear_rows(up, slice(i, i + 1))]
+                base[f"{m}[{i}]"] = [*members, (down.weight, 1, slice(i, i + 1))]
+            sub[m] = [*mlp.parameters(), *(p for n in mlp_norms for p in n.parameters())]
+        dense = mlp is not None or isinstance(getattr(layer, "mlp", None), HFZeroMLP)
+        params = list(layer.parameters())
+        if dense and params and name:
+            whole[name] = params
+    out = {"base_level": base, "kv_head": kv, "layer": sub, "whole_layer": whole}
+    return {k: v for k, v in out.items() if v}
+
+
+# --------------------------------------------------------------------------------------------
+# Replacements
+
+
+def _no_args(args: Mapping[str, Any], kind: str) -> None:
+    if args:
+        raise ValueError(f"a {kind!r} replacement takes no args, got keys {sorted(args)!r}.")
+
+
+def _check_keys(args: Mapping[str, Any], keys: set[str], kind: str) -> None:
+    if set(args) != keys:
+        raise ValueError(
+            f"{kind!r} args must have exactly the keys {sorted(keys)}, got {sorted(args)}."
+        )
+
+
+@register_replacement("hf_decoder_attention_heads")
+def _attention_heads(attn: nn.Module, args: Mapping[str, Any]) -> nn.Module:
+    """Keep query heads ``args["q_heads"]`` and kv heads ``args["kv_heads"]`` (indices in the
+    attention as it is) of a ``transformers`` attention, in place."""
+    kind = "hf_decoder_attention_heads"
+    _check_keys(args, {"q_heads", "kv_heads"}, kind)
+    if not _hf_class(attn, _ATTENTIONS):
+        raise TypeError(f"{kind!r} applies to a transformers attention, not {type(attn).__name__}.")
+    lay = _layout(attn, type(attn).__name__)
+    q = indices(args["q_heads"], "args['q_heads']")
+    kv = indices(args["kv_heads"], "args['kv_heads']")
+    if not q or not kv or q[-1] >= lay.q_heads or kv[-1] >= lay.kv_heads:
+        raise ValueError(
+            f"{kind!r}: q_heads must be non-empty in [0, {lay.q_heads}) and kv_heads in "
+            f"[0, {lay.kv_heads}), got {list(q)} and {list(kv)}."
+        )
+    pos = {j: i for i, j in enumerate(kv)}
+    if any(lay.kv_of_q[h] not in pos for h in q):
+        raise ValueError(f"{kind!r}: a kept query head reads a kv head not in kv_heads {list(kv)}.")
+    new_map = [pos[lay.kv_of_q[h]] for h in q]
+    hd = lay.head_dim
+
+    def rows(heads: Sequence[int]) -> list[int]:
+        return [h * hd + d for h in heads for d in range(hd)]
+
+    keep_outputs(attn.q_proj, rows(q), "q_proj")
+    keep_inputs(attn.o_proj, rows(q), "o_proj")
+    k, v = _plain_linear(attn.k_proj), _plain_linear(attn.v_proj)
+    keep_outputs(k, rows(kv), "k_proj")
+    keep_outputs(v, rows(kv), "v_proj")
+    r = len(q) // len(kv)
+    if len(q) == r * len(kv) and new_map == [i // r for i in range(len(q))]:
+        attn.k_proj, attn.v_proj = k, v
+        attn.num_key_value_groups = r
+    else:
+        attn.k_proj, attn.v_proj = (
+            HeadGatherLinear(k, hd, new_map),
+            HeadGatherLinear(v, hd, new_map),
+        )
+        attn.num_key_value_groups = 1
+    return attn
+
+
+@register_replacement("hf_zero_attention")
+def _zero_attention(attn: nn.Module, args: Mapping[str, Any]) -> nn.Module:
+    _no_args(args, "hf_zero_attention")
+    layer_idx = getattr(attn, "layer_idx", None)
+    if not _hf_class(attn, _ATTENTIONS) or not isinstance(layer_idx, int):
+        raise TypeError(
+            f"'hf_zero_attention' applies to a transformers attention with a layer_idx, not "
+            f"{type(attn).__name__}."
+        )
+    return HFZeroAttention(layer_idx)
+
+
+@register_replacement("hf_zero_mlp")
+def _zero_mlp(mlp: nn.Module, args: Mapping[str, Any]) -> nn.Module:
+    _no_args(args, "hf_zero_mlp")
+    if not _hf_class(mlp, _MLPS):
+        raise TypeError(
+            f"'hf_zero_mlp' applies to a transformers gated MLP, not {type(mlp).__name__}."
+        )
+    return HFZeroMLP()
+
+
+# --------------------------------------------------------------------------------------------
+# Planning
+
+
+def _zero_or_none(bias: Tensor | None) -> bool:
+    return bias is None or not bool(bias.detach().any())
+
+
+@torch.no_grad()
+def dead_query_heads(attn: nn.Module, lay: _Layout) -> Tensor:
+    """Query heads contributing exactly 0 (bool over heads): zero ``o_proj`` columns, or zero
+    values of the kv head they read."""
+    hd = lay.head_dim
+    w_o = attn.o_proj.weight.detach()
+    dead = (w_o.reshape(w_o.shape[0], lay.q_heads, hd) == 0).all(-1).all(0)
+    v = attn.v_proj
+    v_zero = (v.weight.detach().reshape(lay.kv_heads, -1) == 0).all(-1)
+    if v.bias is not None:
+        v_zero &= (v.bias.detach().reshape(lay.kv_heads, hd) == 0).all(-1)
+    return (dead | v_zero[torch.tensor(lay.kv_of_q, dtype=torch.long, device=v_zero.device)]).cpu()
+
+
+def _attention_ops(name: str, attn: nn.Module, lay: _Layout, multiple: int) -> list[Op]:
+    dead = dead_query_heads(attn, lay)
+    if bool(dead.all()):
+        if _zero_or_none(attn.o_proj.bias):
+            return [ReplaceOp(name, "hf_zero_attention", {})]
+        keep_q = [0]  # the output is o_proj's bias: keep the smallest attention
+    else:
+        keep_q = [h for h in range(lay.q_heads) if not dead[h]]
+        target = min(lay.q_heads, -(-len(keep_q) // multiple) * multiple)
+        if len(keep_q) < target:
+            # Pad with dead heads reading kv heads that stay, then any.
+            stay = {lay.kv_of_q[h] for h in keep_q}
+            spare = sorted(
+                (h for h in range(lay.q_heads) if dead[h]),
+                key=lambda h: (lay.kv_of_q[h] not in stay, h),
+            )
+            keep_q = sorted(keep_q + spare[: target - len(keep_q)])
+    keep_kv = sorted({lay.kv_of_q[h] for h in keep_q})
+    if len(keep_q) == lay.q_heads and len(keep_kv) == lay.kv_heads:
+        return []
+    return [ReplaceOp(name, "hf_decoder_attention_heads", {"q_heads": keep_q, "kv_heads": keep_kv})]
+
+
+@torch.no_grad()
+def dead_neurons(mlp: nn.Module) -> Tensor:
+    """MLP neurons contributing exactly 0 (bool): zero column of ``down_proj``, or zero row of
+    ``up_proj`` (and its bias)."""
+    dead = (mlp.down_proj.weight.detach() == 0).all(0)
+    up = mlp.up_proj
+    up_zero = (up.weight.detach() == 0).all(1)
+    if up.bias is not None:
+        up_zero &= up.bias.detach() == 0
+    return (dead | up_zero).cpu()
+
+
+def _mlp_ops(name: str, mlp: nn.Module, multiple: int) -> list[Op]:
+    dead = dead_neurons(mlp)
+    if bool(dead.all()) and _zero_or_none(mlp.down_proj.bias):
+        return [ReplaceOp(name, "hf_zero_mlp", {})]
+    keep = tuple(kept_indices(dead, multiple))
+    if len(keep) == dead.numel():
+        return []
+    return [
+        SliceOp(_join(name, "gate_proj"), "out", keep),
+        SliceOp(_join(name, "up_proj"), "out", keep),
+        SliceOp(_join(name, "down_proj"), "in", keep),
+    ]
+
+
+def plan(model: nn.Module, multiple: int = 1) -> list[Op]:
+    """Operations removing the dead query heads, kv heads, MLP neurons and whole sublayers of the
+    recognised decoder layers (see the module docstring). Head and neuron counts are rounded up
+    to a multiple of ``multiple`` by keeping dead ones."""
+    ops: list[Op] = []
+    caller = "compress()"
+    for name, layer in decoder_layers(model):
+        if not name:
+            continue  # a plan cannot replace the model itself; its sublayers can be
+        found = _attention_of(name, layer, caller)
+        if found is not None:
+            ops += _attention_ops(_join(name, "self_attn"), *found, multiple)
+        mlp = _dense_mlp(name, layer, caller)
+        if mlp is not None:
+            ops += _mlp_ops(_join(name, "mlp"), mlp, multiple)
+    return ops
+
+
+HF_DECODER = register_family(
+    Family(
+        name="hf-decoder",
+        builder="transformer",
+        description=(
+            "Hugging Face decoder layers with q/k/v/o attention and a gated MLP (Llama, Mistral, "
+            "Qwen2, Qwen3, Gemma; the attention of Mixtral, Qwen2-MoE, Qwen3-MoE)"
+        ),
+        applies=applies,
+        levels=levels,
+        plan=lambda model, multiple: plan(model, multiple),
+    )
+)
