@@ -335,16 +335,21 @@ def test_frozen_parameters_are_left_out():
     assert h.num_groups("layer") == 2 and h.num_groups("whole_layer") == 1
 
 
-def test_moe_decoder_gets_attention_groups_only():
+def _attention(h: gp.Hierarchy, level: str) -> list[str]:
+    """The groups of ``level`` in attention sublayers (the fused-experts family adds the MoE's)."""
+    return [n for n in h.group_names(level) if ".self_attn" in n]
+
+
+def test_moe_decoder_gets_attention_groups_from_this_family():
     cfg = transformers.MixtralConfig(
         **COMMON, num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager"
     )
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(cfg).double().eval()
     h = gp.hierarchy.transformer(model)
-    assert h.num_groups("base_level") == LAYERS * HEADS
+    assert len(_attention(h, "base_level")) == LAYERS * HEADS
     assert h.num_groups("kv_head") == LAYERS * KV
-    assert set(h.group_names("layer")) == {f"model.layers.{i}.self_attn" for i in range(LAYERS)}
+    assert set(_attention(h, "layer")) == {f"model.layers.{i}.self_attn" for i in range(LAYERS)}
     assert "whole_layer" not in h.level_names
     _zero_groups(model, {"base_level": ["model.layers.1.self_attn.head[2]"]})
     small = gp.compress(model)
@@ -366,9 +371,11 @@ def test_qwen2_moe_dense_layers_keep_their_mlp_groups():
     torch.manual_seed(0)
     model = transformers.Qwen2MoeForCausalLM(cfg).double().eval()
     h = gp.hierarchy.transformer(model)
-    assert h.num_groups("base_level") == LAYERS * HEADS + INTER
+    dense = [n for n in h.group_names("base_level") if n.startswith("model.layers.0.mlp[")]
+    assert len(_attention(h, "base_level")) == LAYERS * HEADS and len(dense) == INTER
     assert set(h.group_names("layer")) == {
-        "model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn"
+        "model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn",
+        "model.layers.1.mlp",  # the MoE sublayer, from the fused-experts family
     }  # fmt: skip
     _zero_groups(model, {"base_level": [f"model.layers.0.mlp[{i}]" for i in range(20)]})
     small = gp.compress(model)
