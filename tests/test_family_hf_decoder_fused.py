@@ -51,6 +51,8 @@ COMMON = dict(
 GEMMA = dict(head_dim=HD, sliding_window=4, layer_types=["sliding_attention", "full_attention"])
 ARCHS = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**GEMMA, "attn_logit_softcapping": 50.0}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", GEMMA),
 }
 
 
@@ -233,7 +235,7 @@ def test_phi3_multiple_keeps_dead_heads_and_neurons():
     _check_same(model, small)
 
 
-@pytest.mark.parametrize("arch", ["phi3"])
+@pytest.mark.parametrize("arch", ["phi3", "gemma2"])
 def test_prox_training_zeroes_groups_and_compresses(arch):
     torch.manual_seed(0)
     model = _fresh(arch).train()

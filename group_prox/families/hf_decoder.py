@@ -2,9 +2,16 @@
 
 Recognised decoder layers (``transformers`` classes, found by class name and module, so that
 importing group_prox never imports transformers): Llama, Mistral, Qwen2, Qwen3 (``q_norm``/``k_norm``
-over the head dimension), Gemma, Phi-3 (fused projections, below), and
+over the head dimension), Gemma, Gemma-2 and Gemma-3 (text), Phi-3 (fused projections, below), and
 the attention of the MoE decoders Mixtral, Qwen2-MoE and Qwen3-MoE (their sparse MLP blocks,
 modules with ``experts``, belong to the ``experts`` family).
+
+Gemma-2/Gemma-3 close each branch with a post-norm, ``post_attention_layernorm`` on the attention's
+output and ``post_feedforward_layernorm`` on the MLP's (``pre_feedforward_layernorm`` feeds the
+MLP): an RMSNorm ``x · rsqrt(mean(x²) + eps) · (1 + w)`` maps a zero branch to exactly 0 whatever
+``w`` (``eps > 0``), and heads still add up before it, so dead heads, neurons and branches are
+found as for Llama; their norms are in their branch's ``layer`` group. Attention softcapping
+(``tanh`` of each head's scores) and sliding windows act per head and per layer: unchanged.
 
 Phi-3 fuses the projections: ``qkv_proj`` holds the query rows (head ``h``: rows ``h·hd:(h+1)·hd``),
 then the key rows, then the value rows; ``gate_up_proj`` the gate rows, then the up rows
@@ -43,8 +50,8 @@ advances the KV cache of its layer so that cached sequence lengths stay right), 
 Exact in ``eval()`` mode for finite activations: a NaN inside a removed structure (eager
 attention's fully masked padded rows can overflow to NaN in float64) is no longer multiplied by 0.
 Left alone: the ``input_layernorm`` of a removed attention (and ``post_attention_layernorm`` of a
-removed MLP) stays and is
-computed, its output unused; modules shared between layers are not
+removed MLP; Gemma-2/3: the post-norm of a removed branch, computed on zeros) stays and is
+computed, its output unused or zero; modules shared between layers are not
 looked for.
 """
 
@@ -85,6 +92,8 @@ _ARCHS = (
     "Qwen3",
     "Qwen3Moe",
     "Gemma",
+    "Gemma2",
+    "Gemma3",
 )
 # Fused projections: ``qkv_proj`` (query rows, then key rows, then value rows) and
 # ``gate_up_proj`` (gate rows, then up rows).
@@ -506,8 +515,9 @@ def levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
       and value rows of ``qkv_proj``) with every query head reading it,
       ``"<layer>.self_attn.kv_head[j]"``;
     * ``layer``: the attention sublayer (all of ``self_attn``, ``q_norm``/``k_norm`` included, and
-      ``input_layernorm``) ``"<layer>.self_attn"``, and the MLP sublayer (its projections and
-      ``post_attention_layernorm``) ``"<layer>.mlp"``;
+      ``input_layernorm``; Gemma-2/3: and ``post_attention_layernorm``) ``"<layer>.self_attn"``,
+      and the MLP sublayer (its projections and ``post_attention_layernorm``; Gemma-2/3:
+      ``pre_feedforward_layernorm`` and ``post_feedforward_layernorm``) ``"<layer>.mlp"``;
     * ``whole_layer``: the whole decoder layer, ``"<layer>"``, for layers with a dense MLP.
 
     A sparse (MoE) MLP gets no groups here: its attention's groups still apply.
@@ -773,7 +783,7 @@ HF_DECODER = register_family(
         builder="transformer",
         description=(
             "Hugging Face decoder layers with q/k/v/o attention and a gated MLP (Llama, Mistral, "
-            "Qwen2, Qwen3, Gemma, Phi-3; the attention of Mixtral, Qwen2-MoE, "
+            "Qwen2, Qwen3, Gemma, Gemma-2, Gemma-3, Phi-3; the attention of Mixtral, Qwen2-MoE, "
             "Qwen3-MoE)"
         ),
         applies=applies,
