@@ -405,3 +405,17 @@ def test_unknown_sublayers_are_left_alone_with_a_warning():
         warnings.simplefilter("ignore")
         ops = hf_seq2seq.plan(model)
     assert all(".encoder_attn" not in op.module for op in ops)
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+def test_eager_attention_gives_the_same_outputs(arch):
+    model = _model(arch)
+    model.config._attn_implementation = "eager"
+    groups = [_head(arch, _enc_attn(arch, 0), 1), _head(arch, _enc_attn(arch, 1), 2)]
+    groups += [_head(arch, _dec_self(arch, 0), 0), _head(arch, _dec_cross(arch, 1), 3)]
+    _zero_groups(model, {"base_level": groups})
+    small = gp.compress(model)
+    x = _inputs()
+    ref = _logits(model, **x)
+    assert _max_diff(_logits(small, **x), ref) <= 1e-10
+    assert _max_diff(_cached_logits(small, x), ref) <= 1e-10
