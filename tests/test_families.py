@@ -134,6 +134,25 @@ def _torchvision_vit() -> nn.Module:
     )  # fmt: skip
 
 
+def _bart() -> nn.Module:
+    import transformers
+
+    config = transformers.BartConfig(
+        vocab_size=50, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
+        max_position_embeddings=32, attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.BartForConditionalGeneration(config)
+
+
+def _seq2seq_ids() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "input_ids": torch.randint(3, 50, (2, 7), generator=g),
+        "decoder_input_ids": torch.randint(3, 50, (2, 5), generator=g),
+    }
+
+
 def _ids() -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))}
 
@@ -162,6 +181,9 @@ EXAMPLES: dict[str, Example] = {
         _seeded(_timm("small_convnext")), _images, _every_other(lambda n: True), "timm"
     ),
     "torchvision-vit": Example(_seeded(_torchvision_vit), _images, _every_other(lambda n: True)),
+    "hf-seq2seq": Example(
+        _seeded(_bart), _seq2seq_ids, _every_other(lambda n: True), "transformers"
+    ),
     "hf-gpt2": Example(_seeded(_gpt2), _ids, _every_other(lambda n: True), "transformers"),
 }
 
