@@ -15,45 +15,11 @@ import argparse
 import tempfile
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 import group_prox as gp
+from group_prox.demo_hf import build_llama, copy_accuracy, copy_task
 from group_prox.integrations.hf import SparsityTargetCallback
-
-VOCAB, HALF = 64, 8
-
-
-def copy_task(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """Sequences ``a + a``: the second half is predictable from the first."""
-    g = torch.Generator().manual_seed(seed)
-    first = torch.randint(1, VOCAB, (n, HALF), generator=g)
-    ids = torch.cat([first, first], dim=1)
-    labels = ids.clone()
-    labels[:, :HALF] = -100  # only the copied half is scored
-    return [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
-
-
-def build_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=2 * HALF,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
-
-
-@torch.no_grad()
-def copy_accuracy(model: LlamaForCausalLM, data: list[dict[str, torch.Tensor]]) -> float:
-    model.eval()
-    ids = torch.stack([d["input_ids"] for d in data])
-    predicted = model(input_ids=ids).logits[:, HALF - 1 : -1].argmax(-1)
-    return float((predicted == ids[:, HALF:]).float().mean())
 
 
 def main() -> None:
@@ -62,7 +28,7 @@ def main() -> None:
     parser.add_argument("--output-dir", default=None)
     args = parser.parse_args()
 
-    model = build_model()
+    model = build_llama()
     h = gp.hierarchy.transformer(model)
     print(h)
     opt = gp.ProxAdam(

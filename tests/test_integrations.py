@@ -154,7 +154,6 @@ def _lightning_run(tmp_path, *, max_steps: int, ckpt: str | None) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
-        deterministic=True,
         default_root_dir=str(tmp_path),
     )
     # One epoch of 4 batches: the checkpoint at step 4 ends an epoch (Lightning restarts an
