@@ -79,7 +79,7 @@ __all__ = [
 # Detection and levels
 
 
-# Layer classes grouped by the levels, by the torch layer whose structure they have (the
+# The layer classes the levels group, each with the torch layer whose structure it has (the
 # compressed layers below add themselves through register_layer_kind, so that a compressed model
 # gets a hierarchy again).
 _LAYER_KINDS: dict[type[nn.Module], type[nn.Module]] = {
