@@ -33,7 +33,7 @@ class FusedExperts(nn.Module):
     + b_out[e]``.
 
     Implements ``keep_experts``, the protocol by which ``group_prox.compress`` drops the rows of
-    experts that compute exactly zero (see ``group_prox.compression.moe``): expert ``e`` (the
+    experts that compute exactly zero (see ``group_prox.families.experts``): expert ``e`` (the
     router's index) then reads row ``self.rows[e]`` of the tensors, or is a dropped expert that
     returns zeros.
     """

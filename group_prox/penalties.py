@@ -43,6 +43,7 @@ __all__ = [
     "Penalty",
     "SparseGroupLasso",
     "WeightSpec",
+    "check_lam",
     "threshold",
 ]
 
@@ -68,7 +69,8 @@ def _check_real(value: object, owner: str, name: str) -> float:
     return float(value)
 
 
-def _check_lam(lam: object, owner: str) -> float:
+def check_lam(lam: object, owner: str) -> float:
+    """``lam`` as a ``float``, refused (naming ``owner``) unless it is a finite real ``>= 0``."""
     value = _check_real(lam, owner, "lam")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{owner}: lam must be finite and >= 0, got {value!r}.")
@@ -222,7 +224,7 @@ class Penalty:
 
     @lam.setter
     def lam(self, value: float) -> None:
-        self._lam = _check_lam(value, self._name)
+        self._lam = check_lam(value, self._name)
 
     @property
     def l1_part(self) -> float:
@@ -292,7 +294,7 @@ class Penalty:
                         f"{owner}: the state was saved with {key}={theirs!r}, this penalty has "
                         f"{key}={mine!r}; build the penalty with the options it was saved with."
                     )
-        return {"lam": _check_lam(state["lam"], self._name)}
+        return {"lam": check_lam(state["lam"], self._name)}
 
     def __getstate__(self) -> dict[str, Any]:
         """The penalty's fields, for ``copy.deepcopy`` and ``pickle``. A callable weight that
@@ -312,7 +314,7 @@ class Penalty:
 
     def _validate(self) -> None:
         """Check the fields again: they may have been set without the setters (``_lam``)."""
-        _check_lam(self._lam, self._name)
+        check_lam(self._lam, self._name)
 
     def _extra_repr(self) -> str:
         return ""

@@ -23,7 +23,7 @@ from .checksums import checksum
 from .kernels import ProxPlan, group_sq_norms, scale_atoms_
 from .optim import ProxAdam, ProxSGD
 from .optim._prox import ProxMixin
-from .penalties import GroupLasso, Penalty, SparseGroupLasso, _check_lam
+from .penalties import GroupLasso, Penalty, SparseGroupLasso, check_lam
 
 __all__ = ["SparsityTarget"]
 
@@ -443,7 +443,7 @@ class SparsityTarget:
         for level, value in lam.items():
             if value is not None:
                 # The penalty's own check, so that loading cannot fail half-way.
-                lam[level] = _check_lam(value, f"{owner}: lam of level {level!r}")
+                lam[level] = check_lam(value, f"{owner}: lam of level {level!r}")
         fractions = _check_per_level(
             owner, "zero_fraction", state["zero_fraction"], self.targets, exact=True
         )

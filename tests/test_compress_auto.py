@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 import sys
 
 import pytest
@@ -16,6 +17,7 @@ pytest.importorskip("torch_pruning")
 import group_prox as gp
 from group_prox.compression import auto as compress_auto
 from group_prox.compression.report import count_params
+from group_prox.tracing import AutoTrace
 
 from .seed_like import SeedLikeResNet
 
@@ -333,6 +335,25 @@ def test_literal_sizes_in_forward_are_caught_by_the_output_check():
 
 
 # ----------------------------------------------------------------------------- options and data
+def test_the_trace_is_kept_on_the_hierarchy():
+    model, x = _build(Chain), _x(2, 3, 8, 8)
+    h = gp.hierarchy.auto(model, x, ignored_layers=["features.3"])
+    assert isinstance(h.trace, AutoTrace) and h.trace.example_inputs is x
+    assert h.trace.ignored_layers == ("features.3",)
+    with pytest.raises(AttributeError):
+        h.trace = None  # read-only
+    for kept in (
+        h.with_level("net", [list(model.parameters())]),
+        copy.copy(h),
+        copy.deepcopy(h),
+        pickle.loads(pickle.dumps(h)),
+    ):
+        assert isinstance(kept.trace, AutoTrace)
+        assert kept.trace.ignored_layers == ("features.3",)
+    assert gp.hierarchy.from_module_tags(SeedLikeResNet()).trace is None
+    assert gp.Hierarchy({"base_level": [[p] for p in model.parameters()]}).trace is None
+
+
 def test_recorded_inputs_and_options_are_used():
     model, x = _build(Chain), _x(2, 3, 8, 8)
     before = copy.deepcopy(model.state_dict())

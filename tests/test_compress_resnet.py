@@ -13,7 +13,7 @@ from torchvision.models.resnet import BasicBlock
 import group_prox as gp
 from group_prox.compression.resnet import BlockShortcut
 from group_prox.demo import digits_resnet18
-from group_prox.hierarchy.resnet import conv_bn_pairs
+from group_prox.families.torchvision_resnet import conv_bn_pairs
 
 
 def randomise_bn(model: nn.Module, gen: torch.Generator) -> None:

@@ -43,19 +43,19 @@ import torch
 from torch import Tensor, nn
 
 from ..hierarchy import Hierarchy
-from ..hierarchy.auto import (
-    _CH,
-    _IN,
-    _OUT,
+from ..inputs import like_model, run_model, tensors_of
+from ..tracing import (
+    CHANNEL,
+    IN,
+    OUT,
     AutoTrace,
+    UnionFind,
     Unit,
-    _import_torch_pruning,
-    _producer_params,
-    _UnionFind,
     coupled_channels,
+    import_torch_pruning,
+    producer_params,
     trace_graph,
 )
-from ..inputs import like_model, run_model, tensors_of
 from .plan import CompressionPlan, Op, Side, SliceOp
 from .surgery import is_depthwise, kept_indices
 
@@ -111,7 +111,9 @@ _Slice = tuple[str, Side, int]  # (module name, side, channel index)
 
 
 def _trace_of(hierarchy: Hierarchy | None) -> AutoTrace | None:
-    trace = getattr(hierarchy, "_auto_trace", None)
+    """The trace :func:`group_prox.hierarchy.auto` kept on ``hierarchy`` (its ``trace``), or
+    ``None``."""
+    trace = getattr(hierarchy, "trace", None)
     return trace if isinstance(trace, AutoTrace) else None
 
 
@@ -144,7 +146,7 @@ def plan(
     """
     if example_inputs is None:
         raise ValueError("auto.plan(): example_inputs are needed to trace the model.")
-    tp = _import_torch_pruning()
+    tp = import_torch_pruning()
     trace = _trace_of(hierarchy) or AutoTrace(example_inputs, (), (_Conv, nn.Linear), False, {})
     if example_inputs is trace.example_inputs:  # recorded: the model may have moved since
         example_inputs = like_model(example_inputs, model)
@@ -287,9 +289,9 @@ class _Context:
         if isinstance(module, _Conv):
             if module.transposed or self.names.get(module) is None:
                 return None
-            if role == _OUT and module.groups == 1:
+            if role == OUT and module.groups == 1:
                 return "out"
-            return "out" if role == _CH and is_depthwise(module) else None
+            return "out" if role == CHANNEL and is_depthwise(module) else None
         if isinstance(module, nn.PReLU) and module.num_parameters == 1:
             return ""  # one slope shared by all channels: nothing to slice
         if isinstance(module, nn.Linear | nn.Embedding | nn.PReLU | _Norm):
@@ -331,8 +333,8 @@ def _removal(
     readers: dict[Any, list[int]] = {}
     roles: dict[Any, str] = {}
     for node, role, i in units:
-        (readers if role == _IN else writers).setdefault(node, []).append(i)
-        if role != _IN:
+        (readers if role == IN else writers).setdefault(node, []).append(i)
+        if role != IN:
             roles[node] = role
     slices: list[_Slice] = []
     reading = {node.module for node in readers}
@@ -385,7 +387,7 @@ class _Zeros:
             bias_zero = module.bias is None or bool((module.bias[idx] == 0).all())
             return bias_zero and (_slices_zero(module.weight, 0, idx) or self._inputs_zero(node))
         if isinstance(module, _Conv | nn.Linear | nn.Embedding):
-            params = _producer_params(module, self.roles[node], node.pruning_dim) or []
+            params = producer_params(module, self.roles[node], node.pruning_dim) or []
             return bool(params) and all(_slices_zero(p, d, idx) for p, d in params)
         if isinstance(module, _Norm):
             kills, maps_zero = _norm_zero(module, idx)
@@ -596,7 +598,7 @@ def _verified_clusters(
 ) -> list[Op]:
     """The plan failed the output check: add the clusters of groups that share coupled channels
     one at a time, keeping each that passes together with those kept before."""
-    uf = _UnionFind()
+    uf = UnionFind()
     for k, comps in enumerate(group_roots):
         for c in comps:
             uf.union(uf.id(("group", k)), uf.id(("channel", c)))

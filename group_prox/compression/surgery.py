@@ -13,14 +13,24 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["dead_channels", "is_depthwise", "keep_inputs", "keep_outputs", "kept_indices"]
+__all__ = [
+    "check_keep",
+    "dead_channels",
+    "is_depthwise",
+    "keep_inputs",
+    "keep_outputs",
+    "kept_indices",
+    "set_tensor",
+]
 
 _Conv = nn.modules.conv._ConvNd
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _InstanceNorm = nn.modules.instancenorm._InstanceNorm
 
 
-def _set_tensor(module: nn.Module, name: str, dim: int, keep: Tensor) -> None:
+def set_tensor(module: nn.Module, name: str, dim: int, keep: Tensor) -> None:
+    """Replace ``module.<name>`` (a parameter or buffer; nothing if it is ``None``) by its slices
+    ``keep`` along ``dim``, a new tensor with the same ``requires_grad``."""
     old = getattr(module, name, None)
     if old is None:
         return
@@ -36,7 +46,9 @@ def is_depthwise(conv: _Conv) -> bool:
     return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
-def _check_keep(keep: Sequence[int], size: int, where: str) -> Tensor:
+def check_keep(keep: Sequence[int], size: int, where: str) -> Tensor:
+    """``keep`` as an index tensor, refused (naming ``where``) unless it is a non-empty
+    increasing sequence of indices below ``size``."""
     idx = torch.as_tensor(list(keep), dtype=torch.long)
     if idx.numel() == 0:
         raise ValueError(f"{where}: cannot remove every channel; keep at least one.")
@@ -55,39 +67,39 @@ def keep_outputs(module: nn.Module, keep: Sequence[int], name: str = "") -> None
             raise TypeError(f"{where}: transposed convolutions are not sliced.")
         if module.groups > 1 and not is_depthwise(module):
             raise TypeError(f"{where}: grouped (not depthwise) convolutions are not sliced.")
-        idx = _check_keep(keep, module.out_channels, where)
+        idx = check_keep(keep, module.out_channels, where)
         if is_depthwise(module):
             if len(keep) == module.out_channels:
                 return
             module.in_channels = module.groups = len(keep)
-        _set_tensor(module, "weight", 0, idx)
-        _set_tensor(module, "bias", 0, idx)
+        set_tensor(module, "weight", 0, idx)
+        set_tensor(module, "bias", 0, idx)
         module.out_channels = len(keep)
     elif isinstance(module, nn.Linear):
-        idx = _check_keep(keep, module.out_features, where)
-        _set_tensor(module, "weight", 0, idx)
-        _set_tensor(module, "bias", 0, idx)
+        idx = check_keep(keep, module.out_features, where)
+        set_tensor(module, "weight", 0, idx)
+        set_tensor(module, "bias", 0, idx)
         module.out_features = len(keep)
     elif isinstance(module, _BatchNorm | _InstanceNorm):
-        idx = _check_keep(keep, module.num_features, where)
+        idx = check_keep(keep, module.num_features, where)
         for t in ("weight", "bias", "running_mean", "running_var"):
-            _set_tensor(module, t, 0, idx)
+            set_tensor(module, t, 0, idx)
         module.num_features = len(keep)
     elif isinstance(module, nn.LayerNorm):
         if len(module.normalized_shape) != 1:
             raise TypeError(f"{where}: only LayerNorms over one dimension are sliced.")
-        idx = _check_keep(keep, module.normalized_shape[0], where)
-        _set_tensor(module, "weight", 0, idx)
-        _set_tensor(module, "bias", 0, idx)
+        idx = check_keep(keep, module.normalized_shape[0], where)
+        set_tensor(module, "weight", 0, idx)
+        set_tensor(module, "bias", 0, idx)
         module.normalized_shape = (len(keep),)
     elif isinstance(module, nn.PReLU):
         if module.num_parameters > 1:
-            idx = _check_keep(keep, module.num_parameters, where)
-            _set_tensor(module, "weight", 0, idx)
+            idx = check_keep(keep, module.num_parameters, where)
+            set_tensor(module, "weight", 0, idx)
             module.num_parameters = len(keep)
     elif isinstance(module, nn.Embedding):
-        idx = _check_keep(keep, module.embedding_dim, where)
-        _set_tensor(module, "weight", 1, idx)
+        idx = check_keep(keep, module.embedding_dim, where)
+        set_tensor(module, "weight", 1, idx)
         module.embedding_dim = len(keep)
     else:
         raise TypeError(f"{where}: cannot remove output channels of a {type(module).__name__}.")
@@ -102,12 +114,12 @@ def keep_inputs(module: nn.Module, keep: Sequence[int], name: str = "") -> None:
     elif isinstance(module, _Conv):
         if module.transposed or module.groups > 1:
             raise TypeError(f"{where}: only plain (groups=1) convolutions lose input channels.")
-        idx = _check_keep(keep, module.in_channels, where)
-        _set_tensor(module, "weight", 1, idx)
+        idx = check_keep(keep, module.in_channels, where)
+        set_tensor(module, "weight", 1, idx)
         module.in_channels = len(keep)
     elif isinstance(module, nn.Linear):
-        idx = _check_keep(keep, module.in_features, where)
-        _set_tensor(module, "weight", 1, idx)
+        idx = check_keep(keep, module.in_features, where)
+        set_tensor(module, "weight", 1, idx)
         module.in_features = len(keep)
     else:
         raise TypeError(f"{where}: cannot remove input channels of a {type(module).__name__}.")

@@ -1,7 +1,18 @@
-"""Model families, found through one registry (see :mod:`group_prox.families.registry`)."""
+"""Model families, one module each, found through one registry (see
+:mod:`group_prox.families.registry`).
 
+Each module holds everything the package knows of one kind of model (how to recognise it, its
+hierarchy levels, its compression plan and replacement modules) and registers it at its bottom.
+Families are consulted in the order they register, so the import order below matters: the
+ResNet, ``torch.nn`` transformer and experts families first, then the others (those of timm and
+transformers only act on models of a library already imported).
+"""
+
+# isort: off
+from . import torchvision_resnet, torch_transformer, experts  # registered first, in this order
+
+# isort: on
 from . import (
-    builtin,
     hf_decoder,
     hf_encoder,
     hf_gpt2,
@@ -18,7 +29,7 @@ __all__ = [
     "LEVEL_ORDER",
     "Family",
     "applicable",
-    "builtin",
+    "experts",
     "families",
     "hf_decoder",
     "hf_encoder",
@@ -29,5 +40,7 @@ __all__ = [
     "timm_convnext",
     "timm_resnet",
     "timm_vit",
+    "torch_transformer",
+    "torchvision_resnet",
     "torchvision_vit",
 ]

@@ -53,8 +53,8 @@ from torch import Tensor, nn
 from ..compression.plan import Op, ReplaceOp, SliceOp, register_replacement
 from ..compression.surgery import dead_channels, kept_indices
 from ..hierarchy.core import Member
-from ..hierarchy.resnet import conv_bn_pairs, filter_members
 from .registry import Family, register_family
+from .torchvision_resnet import conv_bn_pairs, filter_members
 
 __all__ = ["TIMM_RESNET", "TimmBlockShortcut", "applies", "levels", "plan"]
 

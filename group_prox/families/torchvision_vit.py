@@ -41,9 +41,9 @@ from torch import Tensor, nn
 
 from ..compression.plan import Op, ReplaceOp, SliceOp, register_replacement
 from ..compression.surgery import kept_indices
-from ..compression.transformer import dead_heads
 from ..hierarchy.core import Member
 from .registry import Family, register_family
+from .torch_transformer import dead_heads
 
 __all__ = ["TORCHVISION_VIT", "CompressedEncoderBlock", "applies", "levels", "plan"]
 

@@ -1,4 +1,9 @@
-"""Hierarchies of parameter groups, and builders for common architectures."""
+"""Hierarchies of parameter groups, and the builders that make them.
+
+``resnet``, ``transformer`` and ``moe`` build the levels of the model families found in a model
+(each family is one module of :mod:`group_prox.families`); ``auto`` traces any model,
+``from_module_tags`` reads tags put on its modules.
+"""
 
 from .auto import auto
 from .core import Hierarchy, Member, TensorLayout

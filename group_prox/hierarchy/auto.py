@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..families.registry import applicable
 from ..inputs import ExampleInputs, check, run_model, tensors_of
+from ..tracing import (
+    IN,
+    AutoTrace,
+    ParamDims,
+    UnionFind,
+    consumer_params,
+    coupled_channels,
+    import_torch_pruning,
+    producer_params,
+    trace_graph,
+)
 from .core import (
     Hierarchy,
     Member,
@@ -21,190 +30,6 @@ from .core import (
 )
 
 __all__ = ["auto"]
-
-_INSTALL = 'pip install "group_prox[auto]"'
-
-# Roles of one channel index on one node of the dependency graph.
-_OUT, _IN, _CH = "out", "in", "channel"  # output channel, input channel, both at once
-
-_ParamDims = list[tuple[Tensor, int]]
-Unit = tuple[Any, str, int]  # (Torch-Pruning node, role, channel index in that node)
-
-
-@dataclass(frozen=True, eq=False)
-class AutoTrace:
-    """How :func:`auto` traced a model, kept on its hierarchy (``hierarchy._auto_trace``) so that
-    :func:`group_prox.compress` can trace the same graph again. Layers are kept by name, not by
-    object, so that the record also describes a copy of the model."""
-
-    example_inputs: Any
-    ignored_layers: tuple[str, ...]  # every ignored module, containers expanded
-    root_module_types: tuple[type[nn.Module], ...]
-    prune_outputs: bool
-    dependency_kwargs: Mapping[str, Any]
-
-
-def _import_torch_pruning() -> Any:
-    try:
-        import torch_pruning
-    except ImportError as e:
-        raise ImportError(
-            "group_prox.hierarchy.auto() traces channel dependencies with Torch-Pruning, which is "
-            f"not installed. Install the optional extra with:  {_INSTALL}  "
-            "(or: pip install torch-pruning)."
-        ) from e
-    return torch_pruning
-
-
-def _weight_and_bias(module: nn.Module, dim: int) -> _ParamDims:
-    out: _ParamDims = [(module.weight, dim)]
-    if getattr(module, "bias", None) is not None:
-        out.append((module.bias, 0))
-    return out
-
-
-def _producer_params(module: object, role: str, pruning_dim: int) -> _ParamDims | None:
-    """The tensors whose slice ``i`` along ``dim`` must be zero for output channel ``i`` of
-    ``module`` to be exactly zero whenever its input channel ``i`` is (``role`` is ``_OUT`` or
-    ``_CH``). ``[]``: nothing to zero (a parameter-free op); ``None``: not expressible, so a group
-    through this module could not promise an exactly zero channel."""
-    if isinstance(module, nn.Parameter):
-        return [(module, pruning_dim % module.dim())] if module.dim() else None
-    if not isinstance(module, nn.Module):
-        return None
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if role == _CH:  # depthwise: channel i is weight[i] whether transposed or not
-            return _weight_and_bias(module, 0)
-        if not module.transposed:
-            return _weight_and_bias(module, 0)
-        # ConvTranspose weight is [in, out / groups, ...]: a filter is one slice only if groups=1
-        return _weight_and_bias(module, 1) if module.groups == 1 else None
-    if isinstance(module, nn.Linear):
-        return _weight_and_bias(module, 0)
-    if isinstance(module, nn.Embedding):
-        return [(module.weight, 1)]
-    if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.GroupNorm):
-        # Without affine parameters, eval-mode BN maps 0 to -mean/std, GroupNorm to a value set by
-        # the other channels of its group: not zero, so nothing can be promised.
-        return _weight_and_bias(module, 0) if module.affine else None
-    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
-        if module.affine:
-            return _weight_and_bias(module, 0)
-        return None if module.track_running_stats else []  # per-sample stats: 0 stays 0
-    if isinstance(module, nn.LayerNorm):
-        if module.weight is not None and module.weight.dim() == 1:
-            return _weight_and_bias(module, 0)
-        return None
-    if isinstance(module, nn.PReLU):
-        return [(module.weight, 0)] if module.num_parameters > 1 else []  # PReLU(0) = 0
-    if isinstance(module, nn.Module) and next(module.parameters(), None) is None:
-        return []  # Torch-Pruning's parameter-free ops: add, mul, concat, reshape, activations
-    return None  # MultiheadAttention, LSTM, customized layers: not mapped
-
-
-def _consumer_params(module: object) -> _ParamDims:
-    """The tensor whose slice ``i`` reads input channel ``i`` (empty if it is not one slice)."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups != 1:
-            return []
-        return [(module.weight, 0 if module.transposed else 1)]
-    if isinstance(module, nn.Linear):
-        return [(module.weight, 1)]
-    return []
-
-
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.ids: dict[object, int] = {}
-
-    def id(self, key: object) -> int:
-        i = self.ids.get(key)
-        if i is None:
-            i = self.ids[key] = len(self.parent)
-            self.parent.append(i)
-        return i
-
-    def find(self, i: int) -> int:
-        parent = self.parent
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:
-            parent[i], i = root, parent[i]
-        return root
-
-    def union(self, i: int, j: int) -> None:
-        ri, rj = self.find(i), self.find(j)
-        if ri != rj:
-            self.parent[max(ri, rj)] = min(ri, rj)
-
-
-def coupled_channels(
-    graph: Any, groups: list[Any]
-) -> tuple[dict[int, list[Unit]], list[list[int]]]:
-    """Coupled channels: the union of Torch-Pruning's groups, one channel index at a time. A unit is
-    (node, role, index); all units of one channel end up in one component (keyed by its root).
-    Also, per group, the component of each of its root indices."""
-
-    def role_of(handler: Callable) -> str:
-        out, inp = graph.is_out_channel_pruning_fn(handler), graph.is_in_channel_pruning_fn(handler)
-        return _CH if out and inp else _OUT if out else _IN
-
-    uf = _UnionFind()
-    roots_of: list[list[int]] = []
-    for group in groups:
-        root_dep = group[0].dep
-        root_node, root_role = root_dep.target, role_of(root_dep.handler)
-        roots = {r: uf.id((root_node, root_role, r)) for r in group[0].root_idxs}
-        roots_of.append(list(roots.values()))
-        for item in group:
-            node, role = item.dep.target, role_of(item.dep.handler)
-            for i, r in zip(item.idxs, item.root_idxs):
-                u = uf.id((node, role, int(i)))
-                if r is None:  # an index mapping lost its root: couple it to all of them
-                    for v in roots.values():
-                        uf.union(u, v)
-                else:
-                    uf.union(u, roots[r])
-    components: dict[int, list[Unit]] = {}
-    for key, i in uf.ids.items():
-        components.setdefault(uf.find(i), []).append(key)
-    return components, [[uf.find(u) for u in roots] for roots in roots_of]
-
-
-def trace_graph(
-    tp: Any,
-    model: nn.Module,
-    example_inputs: object,
-    kwargs: dict[str, Any],
-    caller: str,
-    hint: str,
-) -> Any:
-    """Torch-Pruning's dependency graph of ``model``, its train/eval flags and ``requires_grad``
-    left as they were."""
-    training = {m: m.training for m in model.modules()}
-    # Torch-Pruning traces through autograd: a layer whose parameters and input need no gradient
-    # (frozen, or fed only by frozen layers) leaves no autograd node, and would be missing from
-    # the graph. Every parameter takes part in the trace; the frozen ones are frozen again after.
-    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
-    try:
-        for p in frozen:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs, **kwargs
-            )
-    except Exception as e:
-        raise RuntimeError(
-            f"{caller}: Torch-Pruning could not trace {type(model).__name__} "
-            f"({type(e).__name__}: {e}). {hint}"
-        ) from e
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
-        for m, mode in training.items():  # the trace leaves the model in eval mode
-            m.training = mode
 
 
 def _runs(indices: Sequence[int]) -> list[int | slice]:
@@ -282,7 +107,8 @@ def auto(
     stem and the last conv of every block of its first stage write one residual stream): freeze
     them together, or list the frozen layers in ``ignored_layers``.
 
-    The hierarchy keeps ``example_inputs`` and the options below (layers by name), so that
+    The hierarchy keeps ``example_inputs`` and the options below (layers by name) as its
+    :attr:`~group_prox.Hierarchy.trace` (a :class:`group_prox.tracing.AutoTrace`), so that
     :func:`group_prox.compress` traces the same graph again without being given inputs.
 
     Args:
@@ -336,7 +162,7 @@ def auto(
         raise TypeError(f"auto(): expected an nn.Module, got {type(model).__name__}.")
     check(example_inputs, "auto()")
     check_include_frozen(include_frozen, "auto()")
-    tp = _import_torch_pruning()
+    tp = import_torch_pruning()
 
     if isinstance(ignored_layers, (str, nn.Module)):
         # One name is not a list of one-letter names, nor a Sequential a list of its children.
@@ -381,18 +207,25 @@ def auto(
     )
     graph = trace_graph(tp, model, example_inputs, kwargs, "auto()", hint)
 
-    with gc_paused():
-        hierarchy = _from_graph(
-            model, graph, tp, ignored, root_module_types, prune_outputs, branches, include_frozen
-        )
-    hierarchy._auto_trace = AutoTrace(  # type: ignore[attr-defined]
+    trace = AutoTrace(
         example_inputs=example_inputs,
         ignored_layers=tuple(n for n, m in model.named_modules() if m in ignored),
         root_module_types=tuple(root_module_types),
         prune_outputs=prune_outputs,
         dependency_kwargs=dict(dependency_kwargs or {}),
     )
-    return hierarchy
+    with gc_paused():
+        return _from_graph(
+            model,
+            graph,
+            tp,
+            ignored,
+            root_module_types,
+            prune_outputs,
+            branches,
+            include_frozen,
+            trace,
+        )
 
 
 def _from_graph(
@@ -404,8 +237,10 @@ def _from_graph(
     prune_outputs: bool,
     branches: bool,
     include_frozen: bool,
+    trace: AutoTrace,
 ) -> Hierarchy:
-    """The two levels from Torch-Pruning's dependency graph (see :func:`auto`)."""
+    """The two levels from Torch-Pruning's dependency graph (see :func:`auto`), in a hierarchy
+    carrying ``trace``."""
     module_names = {m: n for n, m in model.named_modules(remove_duplicate=True)}
     module_order = {m: k for k, m in enumerate(module_names)}
 
@@ -417,14 +252,14 @@ def _from_graph(
 
     # 2. Producer-side slices. A channel that reaches the outputs or an ignored layer, or passes a
     # module that cannot be zeroed slice by slice, gets no group.
-    producer_cache: dict[tuple[Any, str], _ParamDims | None] = {}
+    producer_cache: dict[tuple[Any, str], ParamDims | None] = {}
 
-    def producer_params(node: Any, role: str) -> _ParamDims | None:
+    def producers_of(node: Any, role: str) -> ParamDims | None:
         key = (node, role)
         if key not in producer_cache:
             blocked = node.module in ignored or (not node.outputs and not prune_outputs)
             producer_cache[key] = (
-                None if blocked else _producer_params(node.module, role, node.pruning_dim)
+                None if blocked else producer_params(node.module, role, node.pruning_dim)
             )
         return producer_cache[key]
 
@@ -432,9 +267,9 @@ def _from_graph(
     for c, keys in components.items():
         slices: list[tuple[Tensor, int, int]] = []
         for node, role, i in keys:
-            if role == _IN:
+            if role == IN:
                 continue
-            params = producer_params(node, role)
+            params = producers_of(node, role)
             if params is None:
                 break
             slices += [(p, d, i) for p, d in params]
@@ -457,7 +292,7 @@ def _from_graph(
                 cut_dims.setdefault(id(p), set()).add(d)
 
     # The same slice reached from two components (a tensor shared by two layers) couples them.
-    merge = _UnionFind()
+    merge = UnionFind()
     slice_owner: dict[tuple[int, int, int], int] = {}
     for c, slices in producers.items():
         merge.id(c)
@@ -477,9 +312,9 @@ def _from_graph(
     for g, comps in merged.items():
         for c in comps:
             for node, role, i in components[c]:
-                if role != _IN:
+                if role != IN:
                     continue
-                for p, d in _consumer_params(node.module):
+                for p, d in consumer_params(node.module):
                     if id(p) not in cut_dims:
                         consumers.setdefault(g, []).append((p, d, i))
                         readers.setdefault((id(p), d, i), set()).add(g)
@@ -520,7 +355,7 @@ def _from_graph(
         hint="list the frozen layers in ignored_layers= (no channel coupled to them is grouped "
         "then), ",
     )
-    return Hierarchy(levels, names=model)
+    return Hierarchy(levels, names=model, trace=trace)
 
 
 class _Group:
@@ -550,7 +385,7 @@ def _group_name(
     best: tuple[tuple[int, int, int], str] | None = None
     for node, role, i in keys:
         module = node.module
-        if role == _IN:
+        if role == IN:
             continue
         if isinstance(module, nn.Parameter):  # a bare parameter: after every module
             key, name = (1, len(module_order), i), param_names.get(id(module), "parameter")

@@ -243,6 +243,10 @@ class Hierarchy:
             span several tensors (a conv filter with its BatchNorm scale and shift).
         names: an ``nn.Module`` or a mapping ``name -> parameter``, used to name parameters in
             messages and reports.
+        trace: how a builder traced the model to find the groups, for :func:`group_prox.compress`
+            to trace it again (:func:`group_prox.hierarchy.auto` gives a
+            :class:`group_prox.tracing.AutoTrace`); ``None`` (the default) for the others. Read
+            it back as :attr:`trace`; :meth:`with_level`, ``copy`` and ``pickle`` keep it.
 
     Validation (a ``ValueError`` naming the level, group and member):
 
@@ -255,10 +259,14 @@ class Hierarchy:
     Empty levels are allowed, and parameters in no group are not penalised.
     """
 
+    _trace: object | None = None  # also for a hierarchy pickled before it had a trace
+
     def __init__(
         self,
         levels: Mapping[str, LevelSpec],
         names: nn.Module | Mapping[str, Tensor] | None = None,
+        *,
+        trace: object | None = None,
     ) -> None:
         if not isinstance(levels, Mapping):
             raise TypeError(
@@ -267,6 +275,13 @@ class Hierarchy:
             )
         with gc_paused():
             self._build(levels, _names_from(names))
+        self._trace = trace
+
+    @property
+    def trace(self) -> object | None:
+        """How the builder traced the model (an :class:`~group_prox.tracing.AutoTrace` for
+        :func:`~group_prox.hierarchy.auto`), or ``None``. Read-only."""
+        return self._trace
 
     def _build(self, levels: Mapping[str, LevelSpec], name_of: dict[int, str]) -> None:
         # The levels as given, with every group made a list: an iterable given for a level or a
@@ -613,11 +628,8 @@ class Hierarchy:
         if name in self.level_names:
             raise ValueError(f"the hierarchy already has a level {name!r}.")
         names = {lay.name: lay.param for lay in self.tensors}
-        extended = Hierarchy({**self._levels, name: groups}, names=names)
         # How a builder traced the model (auto()) still describes the extended hierarchy.
-        if hasattr(self, "_auto_trace"):
-            extended._auto_trace = self._auto_trace
-        return extended
+        return Hierarchy({**self._levels, name: groups}, names=names, trace=self.trace)
 
     def _level(self, level: str) -> str:
         if level not in self._atom_group:

@@ -1,120 +1,18 @@
-"""Hierarchy of mixture-of-experts layers: expert hidden units inside whole experts."""
+"""The ``moe`` builder: expert hidden units inside whole experts.
+
+What the experts family knows (the layouts it recognises, its levels, its compression) lives in
+:mod:`group_prox.families.experts`.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
-from .core import Hierarchy, Member, check_include_frozen, gc_paused, without_frozen
+from .core import Hierarchy, check_include_frozen, gc_paused, without_frozen
 
-__all__ = ["has_experts", "moe", "moe_levels"]
-
-# Names that mark the projection out of the hidden layer, for experts where shapes cannot tell.
-_DOWN_NAMES = ("fc2", "w2", "down_proj", "linear2", "w_out", "w_down", "out_proj", "proj_out")
-
-
-def _down_index(names: list[str], in_dims: list[int], hidden: list[int], down: str | None) -> int:
-    """Which of the expert's projections reads the hidden layer (the others write it)."""
-    if down is not None:
-        if down not in names:
-            raise ValueError(f"down={down!r} is not one of the expert's projections {names}.")
-        return names.index(down)
-    # The down projection is the one whose input width is the others' (shared) hidden width.
-    fits = [
-        i
-        for i in range(len(names))
-        if all(
-            hidden[j] == in_dims[i] and in_dims[j] != in_dims[i]
-            for j in range(len(names))
-            if j != i
-        )
-    ]
-    if len(fits) == 1:
-        return fits[0]
-    named = [i for i, n in enumerate(names) if n.rpartition(".")[2] in _DOWN_NAMES]
-    if len(named) == 1 and all(
-        hidden[j] == in_dims[named[0]] for j in range(len(names)) if j != named[0]
-    ):
-        return named[0]
-    raise ValueError(
-        f"cannot tell which of the expert's projections {names} reads the hidden layer (its "
-        f"input widths are {in_dims}); pass down=<its name>."
-    )
-
-
-def _list_expert_groups(
-    prefix: str, experts: nn.ModuleList, down: str | None
-) -> tuple[dict[str, list[Member]], dict[str, list[Member]]]:
-    units: dict[str, list[Member]] = {}
-    blocks: dict[str, list[Member]] = {}
-    for e, expert in enumerate(experts):
-        where = f"{prefix}.{e}"
-        if next(expert.parameters(), None) is None:
-            continue  # an expert removed by compression: nothing left to penalise
-        linears = [(n, m) for n, m in expert.named_modules() if isinstance(m, nn.Linear)]
-        if len(linears) < 2:
-            raise ValueError(
-                f"expert {where!r} has {len(linears)} nn.Linear layer(s); an expert MLP needs a "
-                "projection into its hidden layer and one out of it."
-            )
-        names = [n for n, _ in linears]
-        k = _down_index(
-            names, [m.in_features for _, m in linears], [m.out_features for _, m in linears], down
-        )
-        ups = [m for i, (_, m) in enumerate(linears) if i != k]
-        proj = linears[k][1]
-        for j in range(proj.in_features):
-            members: list[Member] = []
-            for up in ups:
-                members.append((up.weight, 0, j))
-                if up.bias is not None:
-                    members.append((up.bias, 0, j))
-            members.append((proj.weight, 1, j))
-            units[f"{where}[{j}]"] = members
-        blocks[where] = list(expert.parameters())
-    return units, blocks
-
-
-def _fused_expert_groups(
-    prefix: str, experts: nn.Module, down: str | None
-) -> tuple[dict[str, list[Member]], dict[str, list[Member]]]:
-    params = dict(experts.named_parameters(recurse=False))
-    weights = {n: p for n, p in params.items() if p.dim() == 3}
-    biases = {n: p for n, p in params.items() if p.dim() == 2}
-    if len(weights) < 2 or len(params) != len(weights) + len(biases):
-        raise ValueError(
-            f"{prefix!r}: fused experts need 3-D weights [experts, d_in, d_hidden] and "
-            "[experts, d_hidden, d_out] (and optional 2-D biases [experts, width]); found "
-            f"{ {n: tuple(p.shape) for n, p in params.items()} }."
-        )
-    names = list(weights)
-    k = _down_index(
-        names,
-        [int(p.shape[1]) for p in weights.values()],
-        [int(p.shape[2]) for p in weights.values()],
-        down,
-    )
-    num_experts = {int(p.shape[0]) for p in params.values()}
-    if len(num_experts) != 1:
-        raise ValueError(f"{prefix!r}: the fused tensors disagree on the number of experts.")
-    (num,) = num_experts
-    proj = weights[names[k]]
-    hidden = int(proj.shape[1])
-    ups = [w for i, w in enumerate(weights.values()) if i != k]
-    if hidden != int(proj.shape[2]):
-        up_biases = [b for b in biases.values() if b.shape[1] == hidden]
-    else:
-        # Square experts: tell the output bias by its name (w_out -> b_out, w_down -> b_down).
-        tag = names[k].rpartition("_")[2]
-        up_biases = [b for n, b in biases.items() if n.rpartition("_")[2] != tag]
-    units: dict[str, list[Member]] = {}
-    for e in range(num):
-        for j in range(hidden):
-            members: list[Member] = [(w, (0, 2), (e, j)) for w in ups]
-            members += [(b, (0, 1), (e, j)) for b in up_biases]
-            members.append((proj, (0, 1), (e, j)))
-            units[f"{prefix}.{e}[{j}]"] = members
-    blocks = {f"{prefix}.{e}": [(p, 0, e) for p in params.values()] for e in range(num)}
-    return units, blocks
+__all__ = ["moe"]
 
 
 @gc_paused()
@@ -180,7 +78,9 @@ def moe(model: nn.Module, *, down: str | None = None, include_frozen: bool = Fal
             f"(e.g. 'fc2'), or None; got {type(down).__name__}."
         )
     check_include_frozen(include_frozen, "moe()")
-    units, experts = _expert_groups(model, down)
+    from ..families.experts import expert_groups  # the family module imports this package
+
+    units, experts = expert_groups(model, down)
     levels = without_frozen(
         {"base_level": units, "block": experts},
         model,
@@ -190,47 +90,13 @@ def moe(model: nn.Module, *, down: str | None = None, include_frozen: bool = Fal
     return Hierarchy(levels, names=model)
 
 
-def has_experts(model: nn.Module) -> bool:
-    """Whether some submodule of ``model`` has an ``experts`` module (an MoE layer)."""
-    return any(isinstance(getattr(m, "experts", None), nn.Module) for m in model.modules())
+# Names this module held before the experts family got a module of its own.
+_MOVED = {"has_experts": "applies", "moe_levels": "levels"}
 
 
-def moe_levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
-    """The levels of :func:`moe` in the shared names of :mod:`group_prox.families.registry`
-    (``base_level``: expert hidden units, ``expert``: whole experts), frozen parameters
-    included."""
-    units, experts = _expert_groups(model, None)
-    return {"base_level": units, "expert": experts}
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from ..families import experts
 
-
-def _expert_groups(
-    model: nn.Module, down: str | None
-) -> tuple[dict[str, list[Member]], dict[str, list[Member]]]:
-    layers = [
-        (name, m.experts)
-        for name, m in model.named_modules()
-        if isinstance(getattr(m, "experts", None), nn.Module)
-    ]
-    if not layers:
-        raise ValueError(
-            "moe(): no module of the model has an `experts` attribute (an nn.ModuleList of expert "
-            "MLPs, or a module of fused [experts, ...] weights); build the hierarchy with "
-            "group_prox.Hierarchy(...) instead."
-        )
-    units: dict[str, list[Member]] = {}
-    blocks: dict[str, list[Member]] = {}
-    from ..families import hf_moe  # the family module imports this one
-
-    for name, experts in layers:
-        prefix = f"{name}.experts" if name else "experts"
-        if hf_moe.is_hf_experts(experts):
-            # transformers' layout ([experts, out, in], gate and up rows in one tensor)
-            u, b = hf_moe.expert_groups(prefix, experts)
-            units.update(u)
-            blocks.update(b)
-            continue
-        build = _list_expert_groups if isinstance(experts, nn.ModuleList) else _fused_expert_groups
-        u, b = build(prefix, experts, down)
-        units.update(u)
-        blocks.update(b)
-    return units, blocks
+        return getattr(experts, _MOVED[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

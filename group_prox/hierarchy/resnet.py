@@ -1,42 +1,20 @@
-"""Hierarchy of a torchvision-style ResNet (BasicBlock and Bottleneck)."""
+"""The ``resnet`` builder: the hierarchy of the ResNet families of the registry.
+
+What each family knows (its levels, its compression) lives in its own module:
+:mod:`group_prox.families.torchvision_resnet` for torchvision's blocks,
+:mod:`group_prox.families.timm_resnet` and :mod:`group_prox.families.timm_convnext` for timm's.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from ..families.registry import levels_for
-from .core import Hierarchy, Member, check_include_frozen, gc_paused, without_frozen
+from .core import Hierarchy, check_include_frozen, gc_paused, without_frozen
 
-__all__ = ["conv_bn_pairs", "filter_members", "resnet", "resnet_levels"]
-
-_BLOCKS = (BasicBlock, Bottleneck)
-
-
-def conv_bn_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d | None]]:
-    """Each Conv2d with the BatchNorm2d registered right after it (its normalisation), in order."""
-    pairs = []
-    modules = [m for _, m in model.named_modules()]
-    names = [n for n, _ in model.named_modules()]
-    for i, m in enumerate(modules):
-        if isinstance(m, nn.Conv2d):
-            nxt = modules[i + 1] if i + 1 < len(modules) else None
-            bn = (
-                nxt
-                if isinstance(nxt, nn.BatchNorm2d) and nxt.num_features == m.out_channels
-                else None
-            )
-            pairs.append((names[i], m, bn))
-    return pairs
-
-
-def filter_members(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, i: int) -> list[Member]:
-    members: list[Member] = [(conv.weight, 0, i)]
-    if conv.bias is not None:
-        members.append((conv.bias, 0, i))
-    if bn is not None and bn.affine:
-        members += [(bn.weight, 0, i), (bn.bias, 0, i)]
-    return members
+__all__ = ["resnet"]
 
 
 @gc_paused()
@@ -84,26 +62,18 @@ def resnet(model: nn.Module, *, include_frozen: bool = False) -> Hierarchy:
     return Hierarchy(levels, names=model)
 
 
-def has_blocks(model: nn.Module) -> bool:
-    """Whether ``model`` holds a torchvision ``BasicBlock`` or ``Bottleneck``."""
-    return any(isinstance(m, _BLOCKS) for m in model.modules())
+# Names this module held before the torchvision family got a module of its own.
+_MOVED = {
+    "conv_bn_pairs": "conv_bn_pairs",
+    "filter_members": "filter_members",
+    "has_blocks": "applies",
+    "resnet_levels": "levels",
+}
 
 
-def resnet_levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
-    """The levels of :func:`resnet` for the torchvision blocks of ``model``, frozen parameters
-    included."""
-    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, _BLOCKS)]
-    base: dict[str, list[Member]] = {}
-    for name, conv, bn in conv_bn_pairs(model):
-        for i in range(conv.out_channels):
-            base[f"{name}[{i}]"] = filter_members(conv, bn, i)
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from ..families import torchvision_resnet
 
-    layer: dict[str, list[Member]] = {}
-    for name, block in blocks:
-        members: list[Member] = []
-        for child_name, child in block.named_children():
-            if child_name == "downsample":
-                continue
-            members.extend(child.parameters(recurse=True))
-        layer[name] = members
-    return {"base_level": base, "layer": layer}
+        return getattr(torchvision_resnet, _MOVED[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

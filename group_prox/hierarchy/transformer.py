@@ -1,119 +1,21 @@
-"""Hierarchy of a transformer built from ``torch.nn``'s attention and transformer layers."""
+"""The ``transformer`` builder: the hierarchy of the transformer families of the registry.
+
+What each family knows (its levels, its compression) lives in its own module:
+:mod:`group_prox.families.torch_transformer` for ``torch.nn``'s attention and transformer layers,
+the ``hf_*``, ``timm_vit`` and ``torchvision_vit`` modules of :mod:`group_prox.families` for the
+others.
+"""
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from typing import Any
+
+from torch import nn
 
 from ..families.registry import levels_for
-from .core import Hierarchy, Member, check_include_frozen, gc_paused, without_frozen
+from .core import Hierarchy, check_include_frozen, gc_paused, without_frozen
 
-__all__ = [
-    "has_torch_transformer",
-    "register_attention_kind",
-    "register_layer_kind",
-    "torch_transformer_levels",
-    "transformer",
-]
-
-# Layer classes by the torch layer whose structure they have (compression's own layers add
-# themselves through register_layer_kind, so that a compressed model gets a hierarchy again).
-_LAYER_KINDS: dict[type[nn.Module], type[nn.Module]] = {
-    nn.TransformerEncoderLayer: nn.TransformerEncoderLayer,
-    nn.TransformerDecoderLayer: nn.TransformerDecoderLayer,
-}
-_ATTENTIONS: list[type[nn.Module]] = [nn.MultiheadAttention]
-
-
-def register_layer_kind(cls: type[nn.Module], like: type[nn.Module]) -> None:
-    """Group the layers of class ``cls`` as those of ``like`` (``nn.TransformerEncoderLayer`` or
-    ``nn.TransformerDecoderLayer``), whose sublayer attributes they share."""
-    if like not in (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer):
-        raise ValueError(f"register_layer_kind(): like must be a torch layer class, got {like}.")
-    _LAYER_KINDS[cls] = like
-
-
-def register_attention_kind(cls: type[nn.Module]) -> None:
-    """Group the heads of class ``cls`` as those of ``nn.MultiheadAttention``, whose attributes
-    (``num_heads``, ``head_dim``, ``in_proj_weight`` …, ``out_proj``) it has."""
-    if cls not in _ATTENTIONS:
-        _ATTENTIONS.append(cls)
-
-
-def _is_layer(m: nn.Module) -> bool:
-    return isinstance(m, tuple(_LAYER_KINDS))
-
-
-def _is_attention(m: object) -> bool:
-    return isinstance(m, tuple(_ATTENTIONS))
-
-
-# (attention attribute, norm feeding it when norm_first=True), in the order torch applies them.
-_ATTENTION = {
-    nn.TransformerEncoderLayer: (("self_attn", "norm1"),),
-    nn.TransformerDecoderLayer: (("self_attn", "norm1"), ("multihead_attn", "norm2")),
-}
-# The norm feeding the feed-forward branch when norm_first=True.
-_MLP_NORM = {nn.TransformerEncoderLayer: "norm2", nn.TransformerDecoderLayer: "norm3"}
-
-# Group name of the layer group of a MultiheadAttention that is the model itself (module name "").
-_ROOT_ATTENTION = "attention"
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _kind(layer: nn.Module) -> type[nn.Module]:
-    return next(like for cls, like in _LAYER_KINDS.items() if isinstance(layer, cls))
-
-
-def _head_members(mha: nn.MultiheadAttention, h: int) -> list[Member]:
-    """Rows of head ``h`` in the q, k, v projections (and their biases), its channels of
-    ``bias_k``/``bias_v``, and its columns of ``out_proj.weight``."""
-    hd = mha.head_dim
-    e = mha.num_heads * hd  # embed_dim, or fewer rows once compressed
-    rows = slice(h * hd, (h + 1) * hd)
-    # Fused in_proj_weight/in_proj_bias stack q, k, v along dim 0: head h owns one slice of each.
-    qkv_rows = [slice(j * e + h * hd, j * e + (h + 1) * hd) for j in range(3)]
-    members: list[Member] = []
-    if mha.in_proj_weight is not None:
-        members += [(mha.in_proj_weight, 0, r) for r in qkv_rows]
-    else:
-        members += [(w, 0, rows) for w in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)]
-    if mha.in_proj_bias is not None:
-        members += [(mha.in_proj_bias, 0, r) for r in qkv_rows]
-    members += [(b, 2, rows) for b in (mha.bias_k, mha.bias_v) if b is not None]
-    members.append((mha.out_proj.weight, 1, rows))
-    return members
-
-
-def _neuron_members(linear1: nn.Linear, linear2: nn.Linear, i: int) -> list[Member]:
-    members: list[Member] = [(linear1.weight, 0, i)]
-    if linear1.bias is not None:
-        members.append((linear1.bias, 0, i))
-    members.append((linear2.weight, 1, i))
-    return members
-
-
-def _check_layer(name: str, layer: nn.Module) -> None:
-    """Refuse subclasses that replaced the sublayers this builder slices."""
-    label = name or "the model"
-    for attr, _ in _ATTENTION[_kind(layer)]:
-        if not _is_attention(getattr(layer, attr, None)):
-            raise ValueError(
-                f"transformer(): {label}.{attr} is not an nn.MultiheadAttention; build the "
-                "hierarchy with group_prox.Hierarchy(...) instead."
-            )
-    l1, l2 = getattr(layer, "linear1", None), getattr(layer, "linear2", None)
-    if not (
-        isinstance(l1, nn.Linear)
-        and isinstance(l2, nn.Linear)
-        and l1.out_features == l2.in_features
-    ):
-        raise ValueError(
-            f"transformer(): {label}.linear1/linear2 are not two nn.Linear with matching hidden "
-            "size; build the hierarchy with group_prox.Hierarchy(...) instead."
-        )
+__all__ = ["transformer"]
 
 
 @gc_paused()
@@ -205,70 +107,18 @@ def transformer(model: nn.Module, *, include_frozen: bool = False) -> Hierarchy:
     return Hierarchy(levels, names=model)
 
 
-def has_torch_transformer(model: nn.Module) -> bool:
-    """Whether ``model`` holds a ``torch.nn`` transformer layer or ``MultiheadAttention``."""
-    return any(_is_layer(m) or _is_attention(m) for m in model.modules())
+# Names this module held before the torch.nn family got a module of its own.
+_MOVED = {
+    "has_torch_transformer": "applies",
+    "register_attention_kind": "register_attention_kind",
+    "register_layer_kind": "register_layer_kind",
+    "torch_transformer_levels": "levels",
+}
 
 
-def torch_transformer_levels(model: nn.Module) -> dict[str, dict[str, list]]:
-    """The levels of :func:`transformer` for the ``torch.nn`` layers and attentions of ``model``,
-    frozen parameters included."""
-    modules = list(model.named_modules())
-    layers = [(n, m) for n, m in modules if _is_layer(m)]
-    attentions = [(n, m) for n, m in modules if _is_attention(m)]
-    base: dict[str, list[Member]] = {}
-    layer_groups: dict[str, list[Tensor]] = {}
-    # Sublayers already grouped, by identity of their modules, so shared ones are grouped once.
-    seen: set[tuple[int, ...]] = set()
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from ..families import torch_transformer
 
-    def add_attention(name: str, mha: nn.MultiheadAttention, norm: nn.Module | None) -> None:
-        if (id(mha),) in seen:
-            return
-        seen.add((id(mha),))
-        for h in range(mha.num_heads):
-            base[_join(name, f"head[{h}]")] = _head_members(mha, h)
-        params = list(mha.parameters())
-        if norm is not None:
-            params += list(norm.parameters())
-        layer_groups[name or _ROOT_ATTENTION] = params
-
-    for name, layer in layers:
-        _check_layer(name, layer)
-        kind = _kind(layer)
-        for attr, norm_attr in _ATTENTION[kind]:
-            norm = getattr(layer, norm_attr) if layer.norm_first else None
-            add_attention(_join(name, attr), getattr(layer, attr), norm)
-        l1, l2 = layer.linear1, layer.linear2
-        if (id(l1), id(l2)) in seen:
-            continue
-        seen.add((id(l1), id(l2)))
-        mlp = _join(name, "mlp")
-        for i in range(l1.out_features):
-            base[f"{mlp}[{i}]"] = _neuron_members(l1, l2, i)
-        params = [*l1.parameters(), *l2.parameters()]
-        if layer.norm_first:
-            params += list(getattr(layer, _MLP_NORM[kind]).parameters())
-        layer_groups[mlp] = params
-
-    for name, mha in attentions:
-        add_attention(name, mha, None)
-
-    _check_disjoint(model, layer_groups)
-    return {"base_level": base, "layer": layer_groups}
-
-
-def _check_disjoint(model: nn.Module, layer_groups: dict[str, list[Tensor]]) -> None:
-    """Name the shared parameter and both sublayers, rather than let Hierarchy report an overlap of
-    two groups without saying that weight tying is the cause."""
-    owner: dict[int, str] = {}
-    pname = {id(p): n for n, p in model.named_parameters()}
-    for group, params in layer_groups.items():
-        for p in params:
-            other = owner.setdefault(id(p), group)
-            if other != group:
-                raise ValueError(
-                    f"transformer(): parameter {pname.get(id(p), tuple(p.shape))} is shared by the "
-                    f"sublayers {other!r} and {group!r}, which share only part of their "
-                    "parameters, so their groups would overlap. Share whole sublayers (or whole "
-                    "layers), or build the hierarchy with group_prox.Hierarchy(...)."
-                )
+        return getattr(torch_transformer, _MOVED[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
