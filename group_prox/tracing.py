@@ -51,6 +51,8 @@ class AutoTrace:
     root_module_types: tuple[type[nn.Module], ...]
     prune_outputs: bool
     dependency_kwargs: Mapping[str, Any]
+    #: Wall-clock seconds Torch-Pruning took to trace the model (0 where nothing was traced).
+    seconds: float = 0.0
 
 
 def import_torch_pruning() -> Any:

@@ -359,3 +359,8 @@ def test_auto_traces_the_tensors_of_an_output_holding_a_cache_object():
     model = _WithCache()
     h = gp.hierarchy.auto(model, torch.randn(2, 4))
     assert h.num_groups("base_level") == 8  # the hidden units; outputs stay (prune_outputs=False)
+
+
+def test_auto_records_how_long_the_trace_took():
+    h = gp.hierarchy.auto(_WithCache(), torch.randn(2, 4))
+    assert h.trace is not None and 0 < h.trace.seconds < 60

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -109,7 +110,9 @@ def auto(
 
     The hierarchy keeps ``example_inputs`` and the options below (layers by name) as its
     :attr:`~group_prox.Hierarchy.trace` (a :class:`group_prox.tracing.AutoTrace`), so that
-    :func:`group_prox.compress` traces the same graph again without being given inputs.
+    :func:`group_prox.compress` traces the same graph again without being given inputs;
+    ``hierarchy.trace.seconds`` is how long the trace took (minutes on a large model: where a
+    family of :mod:`group_prox.families` applies, its builder needs no trace).
 
     Args:
         model: the model; it is run once, in eval mode (its train/eval flags are restored).
@@ -205,7 +208,9 @@ def auto(
         or "Check that model(example_inputs) runs; otherwise build the hierarchy with "
         "group_prox.Hierarchy(...)."
     )
+    start = time.perf_counter()
     graph = trace_graph(tp, model, example_inputs, kwargs, "auto()", hint)
+    seconds = time.perf_counter() - start
 
     trace = AutoTrace(
         example_inputs=example_inputs,
@@ -213,6 +218,7 @@ def auto(
         root_module_types=tuple(root_module_types),
         prune_outputs=prune_outputs,
         dependency_kwargs=dict(dependency_kwargs or {}),
+        seconds=seconds,
     )
     with gc_paused():
         return _from_graph(
