@@ -159,11 +159,14 @@ def _check_same(model: nn.Module, small: nn.Module) -> float:
     return diff
 
 
-def _roundtrip(arch: str, small: nn.Module) -> None:
+def _roundtrip(arch: str, small: nn.Module, fresh=None) -> None:
+    """``small`` saved and loaded into a fresh ``arch`` (``fresh(arch)``, default ``_fresh``)
+    gives the same logits, with and without the cache."""
+    fresh = fresh or _fresh
     buf = io.BytesIO()
     gp.save_compressed(small, buf)
     buf.seek(0)
-    loaded = gp.load_compressed(lambda: _fresh(arch), buf).eval()
+    loaded = gp.load_compressed(lambda: fresh(arch), buf).eval()
     x = _inputs()
     assert _max_diff(_logits(small, **x), _logits(loaded, **x)) == 0
     ids = x["input_ids"]

@@ -10,7 +10,6 @@ full layers. Tiny models built from configs (never downloaded).
 
 from __future__ import annotations
 
-import io
 import re
 
 import pytest
@@ -26,13 +25,10 @@ from group_prox.families.hf_decoder import FusedQKVAttention, HFZeroAttention, H
 transformers = pytest.importorskip("transformers")
 
 from .test_family_hf_decoder import (  # noqa: E402
-    _cached_logits,
     _check_same,
-    _inputs,
-    _logits,
-    _max_diff,
     _zero_groups,
 )
+from .test_family_hf_decoder import _roundtrip as decoder_roundtrip  # noqa: E402
 
 HIDDEN, INTER, LAYERS, HEADS, KV, VOCAB = 64, 128, 2, 4, 2, 100
 HD = HIDDEN // HEADS
@@ -77,14 +73,7 @@ def _model(arch: str, seed: int = 0) -> nn.Module:
 
 
 def _roundtrip(arch: str, small: nn.Module) -> None:
-    buf = io.BytesIO()
-    gp.save_compressed(small, buf)
-    buf.seek(0)
-    loaded = gp.load_compressed(lambda: _fresh(arch), buf).eval()
-    x = _inputs()
-    assert _max_diff(_logits(small, **x), _logits(loaded, **x)) == 0
-    ids = x["input_ids"]
-    assert _max_diff(_cached_logits(small, ids), _cached_logits(loaded, ids)) == 0
+    decoder_roundtrip(arch, small, _fresh)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
