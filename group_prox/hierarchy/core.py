@@ -118,6 +118,22 @@ def check_include_frozen(include_frozen: object, caller: str) -> bool:
     return bool(include_frozen)
 
 
+def from_families(model: nn.Module, builder: str, *, include_frozen: object) -> Hierarchy:
+    """The hierarchy of the registered families of ``builder`` (``"resnet"``, ``"transformer"``)
+    found in ``model``, without its frozen parameters unless ``include_frozen``: what the builders
+    :func:`~group_prox.hierarchy.resnet` and :func:`~group_prox.hierarchy.transformer` return."""
+    from ..families.registry import levels_for  # the family modules import this module
+
+    caller = f"{builder}()"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: expected an nn.Module, got {type(model).__name__}.")
+    include = check_include_frozen(include_frozen, caller)
+    levels = without_frozen(
+        levels_for(model, builder, caller), model, include_frozen=include, caller=caller
+    )
+    return Hierarchy(levels, names=model)
+
+
 def without_frozen(
     levels: Mapping[str, Mapping[str, Sequence[Member]]],
     model: nn.Module,

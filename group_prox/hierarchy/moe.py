@@ -6,8 +6,6 @@ What the experts family knows (the layouts it recognises, its levels, its compre
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from .core import Hierarchy, check_include_frozen, gc_paused, without_frozen
@@ -88,15 +86,3 @@ def moe(model: nn.Module, *, down: str | None = None, include_frozen: bool = Fal
         caller="moe()",
     )
     return Hierarchy(levels, names=model)
-
-
-# Names this module held before the experts family got a module of its own.
-_MOVED = {"has_experts": "applies", "moe_levels": "levels"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        from ..families import experts
-
-        return getattr(experts, _MOVED[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

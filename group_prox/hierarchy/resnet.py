@@ -7,12 +7,9 @@ What each family knows (its levels, its compression) lives in its own module:
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
-from ..families.registry import levels_for
-from .core import Hierarchy, check_include_frozen, gc_paused, without_frozen
+from .core import Hierarchy, from_families, gc_paused
 
 __all__ = ["resnet"]
 
@@ -50,30 +47,4 @@ def resnet(model: nn.Module, *, include_frozen: bool = False) -> Hierarchy:
             partly frozen (a filter with a frozen BatchNorm, a block with one frozen conv): the
             message names the level, the group and the frozen tensors.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"resnet(): expected an nn.Module, got {type(model).__name__}.")
-    check_include_frozen(include_frozen, "resnet()")
-    levels = without_frozen(
-        levels_for(model, "resnet", "resnet()"),
-        model,
-        include_frozen=include_frozen,
-        caller="resnet()",
-    )
-    return Hierarchy(levels, names=model)
-
-
-# Names this module held before the torchvision family got a module of its own.
-_MOVED = {
-    "conv_bn_pairs": "conv_bn_pairs",
-    "filter_members": "filter_members",
-    "has_blocks": "applies",
-    "resnet_levels": "levels",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        from ..families import torchvision_resnet
-
-        return getattr(torchvision_resnet, _MOVED[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return from_families(model, "resnet", include_frozen=include_frozen)

@@ -8,12 +8,9 @@ others.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
-from ..families.registry import levels_for
-from .core import Hierarchy, check_include_frozen, gc_paused, without_frozen
+from .core import Hierarchy, from_families, gc_paused
 
 __all__ = ["transformer"]
 
@@ -95,30 +92,4 @@ def transformer(model: nn.Module, *, include_frozen: bool = False) -> Hierarchy:
             sublayer with a frozen LayerNorm): the message names the level, the group and the
             frozen tensors.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"transformer(): expected an nn.Module, got {type(model).__name__}.")
-    check_include_frozen(include_frozen, "transformer()")
-    levels = without_frozen(
-        levels_for(model, "transformer", "transformer()"),
-        model,
-        include_frozen=include_frozen,
-        caller="transformer()",
-    )
-    return Hierarchy(levels, names=model)
-
-
-# Names this module held before the torch.nn family got a module of its own.
-_MOVED = {
-    "has_torch_transformer": "applies",
-    "register_attention_kind": "register_attention_kind",
-    "register_layer_kind": "register_layer_kind",
-    "torch_transformer_levels": "levels",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        from ..families import torch_transformer
-
-        return getattr(torch_transformer, _MOVED[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return from_families(model, "transformer", include_frozen=include_frozen)
