@@ -20,6 +20,7 @@ from group_prox.compression.plan import CompressionPlan, ReplaceOp
 from group_prox.compression.report import count_params
 from group_prox.families import hf_decoder
 from group_prox.families.hf_decoder import HeadGatherLinear, HFZeroAttention, HFZeroMLP
+from tests.family_helpers import randomise_, train_steps
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,12 +65,7 @@ def _fresh(arch: str) -> nn.Module:
 def _model(arch: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = _fresh(arch)
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.copy_(1 + 0.1 * torch.randn_like(p))
-        else:
-            p.normal_(0, 0.3)
-    return model
+    return randomise_(model)
 
 
 def _groups(model: nn.Module) -> dict[str, dict[str, list]]:
@@ -313,10 +309,7 @@ def test_prox_training_zeroes_groups_and_compresses():
     )
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, VOCAB, (4, 12), generator=g)
-    for _ in range(5):
-        opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
+    train_steps(opt, lambda: model(input_ids=ids, labels=ids).loss, 5)
     model.eval()
     report = gp.get_sparsity_report(model, h)
     assert report.levels["base_level"].zero_groups > 0

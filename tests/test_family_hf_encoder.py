@@ -18,6 +18,7 @@ from group_prox.families.hf_encoder import (  # noqa: E402
     RemovedBertOutput,
     ZeroBranch,
 )
+from tests.family_helpers import train_steps  # noqa: E402
 
 E, H, HD, FF, LAYERS, VOCAB = 64, 4, 16, 128, 2, 100
 F64 = torch.float64
@@ -208,10 +209,7 @@ def test_prox_steps_zero_groups_and_frozen_embeddings_are_left_out():
     opt = gp.ProxAdam(params, lr=1e-2, hierarchy=h, penalties={"base_level": gp.GroupLasso(5.0)})
     inputs = _inputs("bert")
     labels = torch.tensor([0, 1, 2])
-    for _ in range(3):
-        opt.zero_grad()
-        model(**inputs, labels=labels).loss.backward()
-        opt.step()
+    train_steps(opt, lambda: model(**inputs, labels=labels).loss, 3)
     report = gp.get_sparsity_report(model, h).levels["base_level"]
     assert report.zero_groups > 0
     model.eval()

@@ -13,6 +13,7 @@ import group_prox as gp  # noqa: E402
 from group_prox.compression.report import count_params  # noqa: E402
 from group_prox.families.hf_encoder import ZeroBranch  # noqa: E402
 from group_prox.families.hf_gpt2 import RemovedGPT2Attention  # noqa: E402
+from tests.family_helpers import train_steps  # noqa: E402
 
 E, H, HD, LAYERS, VOCAB = 64, 4, 16, 2, 100
 FF = 4 * E
@@ -152,10 +153,7 @@ def test_prox_steps_zero_groups_and_frozen_embeddings_are_left_out():
     params = [p for p in model.parameters() if p.requires_grad]
     opt = gp.ProxAdam(params, lr=1e-2, hierarchy=h, penalties={"base_level": gp.GroupLasso(5.0)})
     inputs = _inputs()
-    for _ in range(3):
-        opt.zero_grad()
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-        opt.step()
+    train_steps(opt, lambda: model(**inputs, labels=inputs["input_ids"]).loss, 3)
     assert gp.get_sparsity_report(model, h).levels["base_level"].zero_groups > 0
     model.eval()
     small = gp.compress(model, h, example_inputs=inputs)

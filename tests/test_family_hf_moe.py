@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 import group_prox as gp  # noqa: E402
 from group_prox.compression import CompressionPlan, ReplaceOp  # noqa: E402
 from group_prox.families import hf_moe  # noqa: E402
+from tests.family_helpers import train_steps  # noqa: E402
 
 H, I_MIX, I_MOE, I_SHARED, E, VOCAB = 32, 64, 16, 48, 4, 100
 
@@ -224,10 +225,7 @@ def test_prox_training_zeroes_groups_then_compress():
         penalties={"base_level": gp.GroupLasso(5.0), "expert": gp.GroupLasso(5.0)},
     )
     x = _tokens()
-    for _ in range(3):
-        opt.zero_grad()
-        model(x, labels=x).loss.backward()
-        opt.step()
+    train_steps(opt, lambda: model(x, labels=x).loss, 3)
     model.eval()
     report = gp.get_sparsity_report(model, h)
     assert report.levels["base_level"].zero_group_names

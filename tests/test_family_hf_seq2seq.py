@@ -27,6 +27,7 @@ from group_prox.families.hf_seq2seq import (
     T5RemovedAttention,
     T5RemovedFF,
 )
+from tests.family_helpers import randomise_, train_steps
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,12 +63,7 @@ def _fresh(arch: str) -> nn.Module:
 def _model(arch: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = _fresh(arch)
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.copy_(1 + 0.1 * torch.randn_like(p))
-        else:
-            p.normal_(0, 0.3)
-    return model
+    return randomise_(model)
 
 
 # Group names: (attention of encoder layer i, self-attention / cross-attention of decoder layer i,
@@ -352,10 +348,7 @@ def test_prox_training_zeroes_groups_and_compresses(arch):
     )
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, VOCAB, (4, 10), generator=g)
-    for _ in range(4):
-        opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
+    train_steps(opt, lambda: model(input_ids=ids, labels=ids).loss, 4)
     model.eval()
     report = gp.get_sparsity_report(model, h)
     assert report.levels["base_level"].zero_groups > 0

@@ -13,6 +13,7 @@ timm = pytest.importorskip("timm")
 
 import group_prox as gp  # noqa: E402
 from group_prox.families import timm_resnet  # noqa: E402
+from tests.family_helpers import train_steps  # noqa: E402
 
 
 def zero_members(members) -> None:
@@ -154,10 +155,7 @@ def test_timm_resnet_training_makes_zero_groups_and_skips_frozen():
         penalties={"base_level": gp.GroupLasso(20.0), "layer": gp.GroupLasso(0.0)},
     )  # fmt: skip
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    for _ in range(3):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    train_steps(opt, lambda: F.cross_entropy(model(x), y), 3)
     zero = gp.get_sparsity_report(model, h).levels["base_level"].zero_group_names
     assert len(zero) > 0
     small = gp.compress(model, h, example_inputs=x)
@@ -250,10 +248,7 @@ def test_timm_vit_training_makes_zero_groups_and_skips_frozen():
         penalties={"base_level": gp.GroupLasso(500.0), "layer": gp.GroupLasso(0.0)},
     )  # fmt: skip
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    for _ in range(3):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    train_steps(opt, lambda: F.cross_entropy(model(x), y), 3)
     zero = gp.get_sparsity_report(model, h).levels["base_level"].zero_group_names
     assert len(zero) > 0
     small = gp.compress(model, h, example_inputs=x)
@@ -310,10 +305,7 @@ def test_timm_convnext_training_makes_zero_neurons_and_skips_frozen():
         penalties={"base_level": gp.GroupLasso(500.0), "layer": gp.GroupLasso(0.0)},
     )  # fmt: skip
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    for _ in range(3):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    train_steps(opt, lambda: F.cross_entropy(model(x), y), 3)
     assert gp.get_sparsity_report(model, h).levels["base_level"].zero_group_names
     small = gp.compress(model, h, example_inputs=x)
     assert num_params(small) < num_params(model)

@@ -14,6 +14,7 @@ from torchvision.models import VisionTransformer
 import group_prox as gp
 from group_prox.compression.transformer import PrunedMultiheadAttention
 from group_prox.families import torchvision_vit
+from tests.family_helpers import train_steps
 
 E, HEADS, HIDDEN, LAYERS = 64, 4, 128, 2
 BLOCK = "encoder.layers.encoder_layer_{}"
@@ -136,10 +137,7 @@ def test_training_makes_zero_neurons_and_skips_frozen():
         penalties={"base_level": gp.GroupLasso(500.0), "layer": gp.GroupLasso(0.0)},
     )  # fmt: skip
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    for _ in range(3):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    train_steps(opt, lambda: F.cross_entropy(model(x), y), 3)
     zero = gp.get_sparsity_report(model, h).levels["base_level"].zero_group_names
     assert any(".mlp[" in g for g in zero)
     small = gp.compress(model, h, example_inputs=x)
