@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from ..compression.plan import Op, ReplaceOp, SliceOp, indices, integer, register_replacement
 from ..compression.surgery import check_keep, kept_indices, set_tensor
-from ..hierarchy.core import Member
+from ..hierarchy.core import Member, hidden_unit
 from .registry import Family, register_family
 
 __all__ = ["EXPERTS", "ZeroExpert", "applies", "expert_groups", "levels", "plan"]
@@ -127,13 +127,7 @@ def _list_expert_groups(
         ups = [m for i, (_, m) in enumerate(linears) if i != k]
         proj = linears[k][1]
         for j in range(proj.in_features):
-            members: list[Member] = []
-            for up in ups:
-                members.append((up.weight, 0, j))
-                if up.bias is not None:
-                    members.append((up.bias, 0, j))
-            members.append((proj.weight, 1, j))
-            units[f"{where}[{j}]"] = members
+            units[f"{where}[{j}]"] = hidden_unit(ups, proj, j)
         blocks[where] = list(expert.parameters())
     return units, blocks
 

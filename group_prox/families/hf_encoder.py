@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from ..compression.plan import Op, ReplaceOp, SliceOp, integer, register_replacement
 from ..compression.surgery import kept_indices
+from ..hierarchy.core import hidden_unit
 from .registry import Family, register_family
 
 __all__ = [
@@ -494,11 +495,7 @@ def levels(model: nn.Module) -> dict[str, dict[str, list]]:
         if p.fc1 is not None:
             mlp = _join(p.name, "mlp")
             for i in range(p.fc1.out_features):
-                members: list = [(p.fc1.weight, 0, i)]
-                if p.fc1.bias is not None:
-                    members.append((p.fc1.bias, 0, i))
-                members.append((p.fc2.weight, 1, i))
-                base[f"{mlp}[{i}]"] = members
+                base[f"{mlp}[{i}]"] = hidden_unit([p.fc1], p.fc2, i)
             params = [*p.fc1.parameters(), *p.fc2.parameters()]
             if p.mlp_norm is not None:
                 params += list(p.mlp_norm.parameters())

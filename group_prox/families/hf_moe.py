@@ -56,7 +56,6 @@ with a post-expert norm keeps its rows (the norm of zero need not be zero).
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -66,8 +65,8 @@ import torch
 from torch import Tensor, nn
 
 from ..compression.plan import Op, ReplaceOp, SliceOp, indices, integer, register_replacement
-from ..compression.surgery import kept_indices
-from ..hierarchy.core import Member
+from ..compression.surgery import check_keep, kept_indices, set_tensor
+from ..hierarchy.core import Member, hidden_unit
 from .registry import Family, register_family
 
 __all__ = [
@@ -315,13 +314,7 @@ def levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
         experts.update(b)
         for where, ups, down in _shared(name, block, "transformer()"):
             for j in range(down.in_features):
-                members: list[Member] = []
-                for up in ups:
-                    members.append((up.weight, 0, j))
-                    if up.bias is not None:
-                        members.append((up.bias, 0, j))
-                members.append((down.weight, 1, j))
-                units[f"{where}[{j}]"] = members
+                units[f"{where}[{j}]"] = hidden_unit(ups, down, j)
         params = list(block.parameters())
         own = {id(p) for p in params}
         for norm in _norms(model, name):
@@ -386,24 +379,11 @@ def _check_args(args: Mapping[str, Any], keys: set[str], where: str) -> None:
 
 
 def _slice(module: nn.Module, name: str, dim: int, keep: list[int]) -> None:
-    old = getattr(module, name)
-    idx = torch.as_tensor(keep, dtype=torch.long, device=old.device)
-    new = old.detach().index_select(dim, idx).contiguous()
-    setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
+    set_tensor(module, name, dim, torch.as_tensor(keep, dtype=torch.long))
 
 
 def _check_keep(keep: tuple[int, ...], size: int, where: str) -> list[int]:
-    if (
-        not keep
-        or keep[0] < 0
-        or keep[-1] >= size
-        or any(b <= a for a, b in itertools.pairwise(keep))
-    ):
-        raise ValueError(
-            f"{where}: 'keep' must be increasing indices in [0, {size}), at least one; got "
-            f"{list(keep)!r:.80}."
-        )
-    return list(keep)
+    return check_keep(keep, size, where).tolist()
 
 
 @register_replacement("hf_experts_hidden")

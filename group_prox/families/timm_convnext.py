@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..compression.plan import Op, ReplaceOp, SliceOp, register_replacement
 from ..compression.surgery import kept_indices
-from ..hierarchy.core import Member
+from ..hierarchy.core import Member, hidden_unit
 from .registry import Family, register_family
 
 __all__ = ["TIMM_CONVNEXT", "ConvNeXtShortcut", "applies", "levels", "plan"]
@@ -83,11 +83,7 @@ def levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
             continue
         fc1, fc2 = block.mlp.fc1, block.mlp.fc2
         for i in range(fc1.out_channels if isinstance(fc1, nn.Conv2d) else fc1.out_features):
-            members: list[Member] = [(fc1.weight, 0, i)]
-            if fc1.bias is not None:
-                members.append((fc1.bias, 0, i))
-            members.append((fc2.weight, 1, i))
-            base[f"{name}.mlp[{i}]"] = members
+            base[f"{name}.mlp[{i}]"] = hidden_unit([fc1], fc2, i)
         layer[name] = [
             p for child, m in block.named_children() if child != "shortcut" for p in m.parameters()
         ]

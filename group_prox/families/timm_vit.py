@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ..compression.plan import Op, ReplaceOp, SliceOp, indices, register_replacement
 from ..compression.surgery import kept_indices
-from ..hierarchy.core import Member
+from ..hierarchy.core import Member, hidden_unit
 from .registry import Family, register_family
 
 __all__ = ["TIMM_VIT", "CompressedTimmBlock", "applies", "levels", "plan"]
@@ -202,14 +202,6 @@ def _head_members(attn: nn.Module, h: int) -> list[Member]:
     return members
 
 
-def _neuron_members(mlp: nn.Module, i: int) -> list[Member]:
-    members: list[Member] = [(mlp.fc1.weight, 0, i)]
-    if mlp.fc1.bias is not None:
-        members.append((mlp.fc1.bias, 0, i))
-    members.append((mlp.fc2.weight, 1, i))
-    return members
-
-
 def levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
     """Heads and neurons (``base_level``), attention and MLP sublayers (``layer``), frozen
     parameters included."""
@@ -224,7 +216,7 @@ def levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
                 base[f"{prefix}attn.head[{h}]"] = _head_members(block.attn, h)
         if block.mlp is not None:
             for i in range(block.mlp.fc1.out_features):
-                base[f"{prefix}mlp[{i}]"] = _neuron_members(block.mlp, i)
+                base[f"{prefix}mlp[{i}]"] = hidden_unit([block.mlp.fc1], block.mlp.fc2, i)
         for sub in _SUBLAYERS:
             if getattr(block, sub) is not None:
                 layer[prefix + sub] = [

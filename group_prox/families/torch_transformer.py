@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from ..compression.plan import Op, ReplaceOp, SliceOp, indices, register_replacement
 from ..compression.surgery import kept_indices
-from ..hierarchy.core import Member
+from ..hierarchy.core import Member, hidden_unit
 from .registry import Family, register_family
 
 __all__ = [
@@ -159,14 +159,6 @@ def _head_members(mha: nn.MultiheadAttention, h: int) -> list[Member]:
     return members
 
 
-def _neuron_members(linear1: nn.Linear, linear2: nn.Linear, i: int) -> list[Member]:
-    members: list[Member] = [(linear1.weight, 0, i)]
-    if linear1.bias is not None:
-        members.append((linear1.bias, 0, i))
-    members.append((linear2.weight, 1, i))
-    return members
-
-
 def _check_layer(name: str, layer: nn.Module) -> None:
     """Refuse subclasses that replaced the sublayers this builder slices."""
     label = name or "the model"
@@ -222,7 +214,7 @@ def levels(model: nn.Module) -> dict[str, dict[str, list]]:
         seen.add((id(l1), id(l2)))
         mlp = _join(name, "mlp")
         for i in range(l1.out_features):
-            base[f"{mlp}[{i}]"] = _neuron_members(l1, l2, i)
+            base[f"{mlp}[{i}]"] = hidden_unit([l1], l2, i)
         params = [*l1.parameters(), *l2.parameters()]
         if layer.norm_first:
             params += list(getattr(layer, _MLP_NORM[kind]).parameters())

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ..compression.plan import Op, ReplaceOp, SliceOp, register_replacement
 from ..compression.surgery import kept_indices
-from ..hierarchy.core import Member
+from ..hierarchy.core import Member, hidden_unit
 from .registry import Family, register_family
 from .torch_transformer import dead_heads
 
@@ -107,11 +107,7 @@ def levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
         if mlp is not None:
             l1, l2 = mlp[0], mlp[3]
             for i in range(l1.out_features):
-                members: list[Member] = [(l1.weight, 0, i)]
-                if l1.bias is not None:
-                    members.append((l1.bias, 0, i))
-                members.append((l2.weight, 1, i))
-                base[f"{name}.mlp[{i}]"] = members
+                base[f"{name}.mlp[{i}]"] = hidden_unit([l1], l2, i)
             layer[f"{name}.mlp"] = [*block.ln_2.parameters(), *mlp.parameters()]
         whole[name] = list(block.parameters())
     return {"base_level": base, "layer": layer, "whole_layer": whole}

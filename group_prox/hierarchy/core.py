@@ -109,6 +109,20 @@ def name_list(names: Sequence[str], limit: int = 3) -> str:
     return f"{', '.join(names[:limit])}{more}"
 
 
+def hidden_unit(ups: Sequence[nn.Module], down: nn.Module, j: int) -> list[Member]:
+    """The members of hidden unit ``j`` of an MLP: row ``j`` of the weight of every projection
+    ``ups`` into the hidden layer (one, or gate and up) and its bias entry, and column ``j`` of
+    the weight of the projection ``down`` out of it (``nn.Linear`` or 1×1 convolutions). A zero
+    unit contributes exactly nothing, whatever the activation."""
+    members: list[Member] = []
+    for up in ups:
+        members.append((up.weight, 0, j))
+        if up.bias is not None:
+            members.append((up.bias, 0, j))
+    members.append((down.weight, 1, j))
+    return members
+
+
 def check_include_frozen(include_frozen: object, caller: str) -> bool:
     """``include_frozen`` of a builder, checked: a ``bool``."""
     if not isinstance(include_frozen, (bool, np.bool_)):
