@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checksums import checksum
+from .checksums import checksums_of, first_mismatch
 from .kernels import ProxPlan, group_sq_norms, scale_atoms_
 from .optim import ProxAdam, ProxSGD
 from .optim._prox import ProxMixin
@@ -393,7 +393,7 @@ class SparsityTarget:
             "selected": selected,
             "family_ref": family_ref,
             "settings": self._settings(),
-            "checksums": _target_checksums(selected, family_ref),
+            "checksums": checksums_of(_target_tensors(selected, family_ref)),
         }
 
     def _settings(self) -> dict[str, Any]:
@@ -481,14 +481,14 @@ class SparsityTarget:
                     f"{owner}: the state's checksums must be a dict, got {_describe(sums)}; "
                     "the checkpoint is damaged."
                 )
-            for key, value in _target_checksums(selected, family_ref).items():
-                if sums.get(key) != value:
-                    what, level = key.split("/", 1)
-                    what = "selected groups" if what == "selected" else "family scales"
-                    raise ValueError(
-                        f"{owner}: the state's {what} of level {level!r} do not match the "
-                        "checksum recorded when it was saved: the checkpoint is damaged."
-                    )
+            bad = first_mismatch(_target_tensors(selected, family_ref), sums)
+            if bad is not None:
+                what, level = bad.split("/", 1)
+                what = "selected groups" if what == "selected" else "family scales"
+                raise ValueError(
+                    f"{owner}: the state's {what} of level {level!r} do not match the "
+                    "checksum recorded when it was saved: the checkpoint is damaged."
+                )
 
         self.step_count = int(step_count)
         self.lam = lam
@@ -510,12 +510,13 @@ class SparsityTarget:
         )
 
 
-def _target_checksums(
+def _target_tensors(
     selected: Mapping[str, Tensor], family_ref: Mapping[str, Tensor]
-) -> dict[str, int]:
-    sums = {f"selected/{lv}": checksum(t) for lv, t in selected.items()}
-    sums.update({f"family_ref/{lv}": checksum(t) for lv, t in family_ref.items()})
-    return sums
+) -> dict[str, Tensor]:
+    """The tensors of a target's state, by the keys its checksums are recorded under."""
+    tensors = {f"selected/{lv}": t for lv, t in selected.items()}
+    tensors.update({f"family_ref/{lv}": t for lv, t in family_ref.items()})
+    return tensors
 
 
 def _families(plan: ProxPlan, level: int) -> Tensor | None:

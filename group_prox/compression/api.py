@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checksums import checksum
+from ..checksums import checksums_of, first_mismatch
 from ..distributed import is_dtensor
 from ..families.registry import families
 from ..hierarchy import Hierarchy
@@ -219,7 +219,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike | Any) -> None:
     state = model.state_dict()
     checksums = {
         "plan": _plan_checksum(plan_data),
-        "tensors": {k: checksum(t) for k, t in state.items() if isinstance(t, Tensor)},
+        "tensors": checksums_of({k: t for k, t in state.items() if isinstance(t, Tensor)}),
     }
     torch.save(
         {"format": _FILE_FORMAT, "plan": plan_data, "state_dict": state, "checksums": checksums},
@@ -302,12 +302,12 @@ def _check_file_checksums(where: str, data: Mapping[str, Any]) -> None:
             f"{where}: its tensors and checksums do not match ({odd[:3]}); the file is damaged "
             "or was edited."
         )
-    for name in sorted(named):
-        if checksum(state[name]) != tensors[name]:
-            raise ValueError(
-                f"{where}: the tensor {name!r} does not match the checksum recorded when it was "
-                "saved; the file is damaged."
-            )
+    bad = first_mismatch({name: state[name] for name in sorted(named)}, tensors)
+    if bad is not None:
+        raise ValueError(
+            f"{where}: the tensor {bad!r} does not match the checksum recorded when it was "
+            "saved; the file is damaged."
+        )
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:

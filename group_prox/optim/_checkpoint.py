@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checksums import checksum
+from ..checksums import checksums_of, first_mismatch
 from ..penalties import Penalty
 
 __all__ = [
@@ -61,10 +61,10 @@ def _state_tensors(torch_state: Mapping[Any, Any]) -> Iterator[tuple[str, str, s
 
 def state_checksums(torch_state: Mapping[Any, Any], frozen: Tensor | None) -> dict[str, int]:
     """A checksum of every tensor of an optimizer's state dict, keyed by where it lies."""
-    sums = {key: checksum(t) for key, _, _, t in _state_tensors(torch_state)}
+    tensors = {key: t for key, _, _, t in _state_tensors(torch_state)}
     if frozen is not None:
-        sums["frozen"] = checksum(frozen)
-    return sums
+        tensors["frozen"] = frozen
+    return checksums_of(tensors)
 
 
 def check_checksums(owner: str, state_dict: Mapping[str, Any], names: Mapping[str, str]) -> None:
@@ -93,14 +93,14 @@ def check_checksums(owner: str, state_dict: Mapping[str, Any], names: Mapping[st
             f"{owner}: the checkpoint's tensors and checksums do not match ({odd[:3]}): the "
             "checkpoint was edited or damaged after it was saved."
         )
-    for key, (where, t) in found.items():
-        if checksum(t) != saved[key]:
-            raise ValueError(
-                f"{owner}: the checkpoint's {where} does not match the checksum recorded when the "
-                "state dict was made: the file is damaged, or the dict was changed after "
-                "state_dict() returned it (it holds the optimizer's live buffers; copy.deepcopy "
-                "it to keep a snapshot)."
-            )
+    bad = first_mismatch({key: t for key, (_, t) in found.items()}, saved)
+    if bad is not None:
+        raise ValueError(
+            f"{owner}: the checkpoint's {found[bad][0]} does not match the checksum recorded when the "
+            "state dict was made: the file is damaged, or the dict was changed after "
+            "state_dict() returned it (it holds the optimizer's live buffers; copy.deepcopy "
+            "it to keep a snapshot)."
+        )
 
 
 def check_torch_state(
