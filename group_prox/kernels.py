@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .distributed import Sharding, sharding_of
 from .hierarchy.core import Hierarchy, TensorLayout
 from .penalties import Penalty, threshold
+from .sharding import Sharding, sharding_of
 
 __all__ = [
     "NonFiniteAtoms",

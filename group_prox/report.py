@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .distributed import Sharding, local_count, process_group
+from .distributed import local_count, process_group
 from .hierarchy.core import Hierarchy
 from .kernels import atom_sum
+from .sharding import Sharding
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
