@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     compiled.step()  # compiles
     compile_seconds = time.perf_counter() - start
     floor_params = [p.detach() for p in models["floor"].parameters()]
-    plan = prox_sgd._plan
-    eta = prox_sgd._component_eta(plan)
+    plan = prox_sgd.prox.plan
+    eta = prox_sgd.prox_step_sizes()
 
     cases = {
         "a: foreach_mul_ pass": lambda: torch._foreach_mul_(floor_params, 1.0 - 1e-7),

@@ -17,6 +17,7 @@ from .config import from_config
 from .hierarchy import Hierarchy
 from .optim import ProxAdam, ProxSGD
 from .penalties import L1, GroupDecay, GroupL0, GroupLasso, Penalty, SparseGroupLasso
+from .prox import HierarchicalProx
 from .report import SparsityReport, get_sparsity_report
 from .target import SparsityTarget
 
@@ -28,6 +29,7 @@ __all__ = [
     "GroupDecay",
     "GroupL0",
     "GroupLasso",
+    "HierarchicalProx",
     "Hierarchy",
     "Penalty",
     "ProxAdam",

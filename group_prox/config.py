@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from .hierarchy.core import Hierarchy
-from .optim._prox import GLOBAL
 from .penalties import L1, GroupDecay, GroupL0, GroupLasso, Penalty, SparseGroupLasso
+from .prox import GLOBAL
 
 __all__ = ["from_config"]
 

@@ -222,6 +222,17 @@ class ProxPlan:
             self._device_cache[device] = cached
         return cached
 
+    def level_sq_norms(self, atom_sq: Tensor) -> list[Tensor]:
+        """For each penalised level (in ``self.levels`` order), the squared norm of each of its
+        groups from the atoms' squared norms ``atom_sq`` (uncovered groups count 0)."""
+        dev = self.on(atom_sq.device)
+        out = []
+        for i, lp in enumerate(self.levels):
+            sq = torch.zeros(lp.num_groups + 1, dtype=atom_sq.dtype, device=atom_sq.device)
+            sq.scatter_add_(0, dev.atom_group[i], atom_sq)
+            out.append(sq[:-1])
+        return out
+
     def describe_link(self, link: frozenset[int]) -> str:
         """Name a tensor of a component that spans the param groups in ``link``."""
         atom = self._first_linked_atom[link]
@@ -323,7 +334,7 @@ class NonFiniteAtoms(FloatingPointError):
 
 def hierarchical_prox_(
     plan: ProxPlan, component_eta: Tensor, *, check_finite: bool = False
-) -> None:
+) -> Tensor | None:
     """Apply the prox of the plan's penalties in place, with step size ``component_eta[c]`` on
     component ``c`` (``component_eta`` has one extra trailing entry for unpenalised atoms).
 
@@ -331,6 +342,11 @@ def hierarchical_prox_(
     optimizers reduce exactly to their ``torch.optim`` counterparts. With ``check_finite`` the atom
     norms (read anyway) are checked before any group is scaled, and :class:`NonFiniteAtoms` is
     raised if one is not finite; the elementwise L1 part, applied before, cannot spread a NaN.
+
+    Returns:
+        When a group level was applied, the squared norm of every atom after the step,
+        ``‖x_a‖²·s_a²`` from the norms read and the scales written (a new tensor, so that callers
+        may keep it); ``None`` when the atom norms were not read.
     """
     active = [
         (i, pen)
@@ -338,7 +354,7 @@ def hierarchical_prox_(
         if pen.lam > 0 and plan.levels[i].num_groups
     ]
     if not active:
-        return
+        return None
     device = plan.tensors[0].param.device
     dev = plan.on(device)
     acc = plan.acc_dtype
@@ -354,7 +370,7 @@ def hierarchical_prox_(
 
     grouped = [(i, pen) for i, pen in active if pen.has_group_part]
     if not grouped:
-        return
+        return None
     atom_sq = atom_sq_norms(plan.tensors, acc, out=dev.atom_sq, sharding=plan.sharding)
     if check_finite:
         _check_finite_atoms(plan, atom_sq)
@@ -372,6 +388,7 @@ def hierarchical_prox_(
         scale.mul_(torch.cat([group_scale, one]).index_select(0, owner))
 
     _multiply_(plan, dev.scale_views)
+    return atom_sq * scale.square()
 
 
 def _check_finite_atoms(plan: ProxPlan, atom_sq: Tensor) -> None:
@@ -411,11 +428,5 @@ def group_sq_norms(plan: ProxPlan) -> tuple[Tensor, list[Tensor]]:
     """Atom squared norms (one read of every tensor) and, for each penalised level of the plan, the
     squared norm of each of its groups (``num_groups`` entries; uncovered groups count 0)."""
     device = plan.tensors[0].param.device
-    dev = plan.on(device)
     atom_sq = atom_sq_norms(plan.tensors, plan.acc_dtype, sharding=plan.sharding).to(device)
-    out = []
-    for i, lp in enumerate(plan.levels):
-        sq = torch.zeros(lp.num_groups + 1, dtype=plan.acc_dtype, device=device)
-        sq.scatter_add_(0, dev.atom_group[i], atom_sq)
-        out.append(sq[:-1])
-    return atom_sq, out
+    return atom_sq, plan.level_sq_norms(atom_sq)

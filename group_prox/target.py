@@ -20,9 +20,8 @@ import torch
 from torch import Tensor
 
 from .checksums import checksums_of, first_mismatch
-from .kernels import ProxPlan, group_sq_norms, scale_atoms_
+from .kernels import ProxPlan
 from .optim import ProxAdam, ProxSGD
-from .optim._prox import ProxMixin
 from .penalties import GroupLasso, Penalty, SparseGroupLasso, check_lam
 
 __all__ = ["SparsityTarget"]
@@ -173,9 +172,10 @@ class SparsityTarget:
         if not isinstance(snap, bool):
             raise TypeError(f"SparsityTarget: snap must be True or False, got {snap!r}.")
         self.snap = snap
-        plan = optimizer._plan
-        assert plan is not None  # checked in _check_targets
-        self._plan = plan
+        prox = optimizer.prox
+        assert prox is not None  # checked in _check_targets
+        self._prox = prox
+        plan = self._plan = prox.plan
         self._level_index = {lp.name: i for i, lp in enumerate(plan.levels)}
         # The share of λ that thresholds group norms (1 − l1_ratio for a sparse group lasso).
         self._group_share = {
@@ -239,8 +239,8 @@ class SparsityTarget:
         their prox step sizes, and whether each is exactly zero."""
         levels = list(self.targets) if levels is None else levels
         plan = self._plan
-        _, level_sq = group_sq_norms(plan)
-        eta = self.optimizer._component_eta(plan).cpu()
+        _, level_sq = self._prox.group_sq_norms()
+        eta = self.optimizer.prox_step_sizes().cpu()
         out = {}
         for level in levels:
             i = self._level_index[level]
@@ -358,7 +358,6 @@ class SparsityTarget:
         """Zero the least salient groups of each level still short of its target, coarsest
         first (a zero branch zeroes its filters too)."""
         plan = self._plan
-        device = plan.tensors[0].param.device
         for level in sorted(self.targets, key=self._level_index.__getitem__, reverse=True):
             # Measured again per level: a zero branch has zeroed filters of the finer level.
             rel_norm, _, zero = self._measure([level])[level]
@@ -372,7 +371,7 @@ class SparsityTarget:
             i = self._level_index[level]
             dead = torch.zeros(plan.levels[i].num_groups, dtype=torch.bool)
             dead[torch.nonzero(plan.levels[i].covered).flatten()[doomed]] = True
-            scale_atoms_(plan, (~plan.atoms_in(i, dead.to(device))).to(plan.acc_dtype))
+            self._prox.zero_groups_(level, dead)
 
     def _set_lams(self, value: float) -> None:
         for level in self.targets:
@@ -572,7 +571,7 @@ def _check_positive(name: str, value: object) -> float:
 
 
 def _check_targets(optimizer: object, targets: object) -> dict[str, float]:
-    if not isinstance(optimizer, ProxMixin):
+    if not isinstance(optimizer, (ProxSGD, ProxAdam)):
         raise TypeError(
             "SparsityTarget: optimizer must be a group_prox.ProxSGD or ProxAdam, "
             f"got {type(optimizer).__name__}."

@@ -655,7 +655,9 @@ def test_empty_hierarchy_steps_as_torch_but_cannot_be_targeted(kind):
     ref = copy.deepcopy(model)
     h = gp.Hierarchy({"a": []})
     opt = OPTIMIZERS[kind](model.parameters(), lr=0.1, hierarchy=h, penalties={"a": gp.L1(1.0)})
-    ref_opt = (torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)(ref.parameters(), lr=0.1)
+    ref_opt = (torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)(
+        ref.parameters(), lr=0.1, fused=True
+    )
     _train(model, opt)
     _train(ref, ref_opt)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
@@ -1246,12 +1248,12 @@ def test_target_load_state_dict_refuses_bad_checkpoints_and_changes_nothing(data
     name, corrupt, err, match = data.draw(st.sampled_from(_target_corruptions()))
     bad = corrupt(copy.deepcopy(good))
     before = copy.deepcopy(target.state_dict())
-    weights = [lp.weights.clone() for lp in opt._plan.levels]
+    weights = [lp.weights.clone() for lp in opt.prox.plan.levels]
     snap = Snapshot(model, opt)
     with pytest.raises(err, match=match):
         target.load_state_dict(bad)
     assert _same(before, target.state_dict()), name
-    assert all(torch.equal(a, lp.weights) for a, lp in zip(weights, opt._plan.levels))
+    assert all(torch.equal(a, lp.weights) for a, lp in zip(weights, opt.prox.plan.levels))
     assert snap.unchanged()
     target.load_state_dict(good)
     assert target.step_count == 3

@@ -145,7 +145,7 @@ def _check_bound(run: dict[str, Any], original: dict[str, Any]) -> None:
     opt, orig = run["opt"], original["opt"]
     own = {id(p) for p in run["model"].parameters()}
     theirs = {id(p) for p in original["model"].parameters()}
-    plan = opt._plan
+    plan = opt.prox.plan
     assert plan.hierarchy is opt.hierarchy and plan.tensors == opt.hierarchy.tensors
     refs = [lay.param for lay in opt.hierarchy.tensors]
     refs += [p for g in opt.param_groups for p in g["params"]] + list(opt.state)
@@ -299,6 +299,6 @@ def test_sharded_parameters_are_refused():
             with pytest.raises(TypeError, match=r"ProxSGD.*'w'.*sharded.*distributed\.checkpoint"):
                 copier(opt)
         with pytest.raises(TypeError, match=r"ProxPlan.*sharded"):
-            copy.deepcopy(opt._plan)
+            copy.deepcopy(opt.prox.plan)
     finally:
         dist.destroy_process_group()

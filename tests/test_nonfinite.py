@@ -69,7 +69,8 @@ def test_raise_names_the_tensor_and_changes_nothing(name, where, value):
     opt.zero_grad()
     _backward(model, 2)
     target = model[2].weight
-    (target.grad if where == "grad" else target.data)[1, 4] = value
+    with torch.no_grad():
+        (target.grad if where == "grad" else target)[1, 4] = value
     before = _snapshot(model, opt)
     grads = [p.grad.clone() for p in model.parameters()]
     word = "NaN" if value != value else "infinite"
@@ -82,6 +83,42 @@ def test_raise_names_the_tensor_and_changes_nothing(name, where, value):
     for g, p in zip(grads, model.parameters()):
         assert_identical(g, p.grad, equal_nan=True)
     assert opt.skipped_steps == 0
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_parameters_the_prox_read_are_not_read_again_until_written(name):
+    """The look for non-finite values leaves out the parameters that the last prox found finite,
+    until something writes them (a write under no_grad, load_state_dict, torch.nn.init)."""
+    model = _model()
+    opt = _optimizer(name, model)
+    _backward(model, 0)
+    opt.step()
+    params = list(model.parameters())
+
+    def unread() -> list[int]:
+        return [id(p) for p in opt.prox.unread(params)]
+
+    assert unread() == [id(model[2].bias)]  # the only parameter outside the hierarchy
+    with torch.no_grad():
+        model[0].bias[0] = 1.0
+    assert unread() == [id(model[0].bias), id(model[2].bias)]
+    model.load_state_dict(model.state_dict())
+    assert unread() == [id(p) for p in params]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_write_through_data_is_still_caught_by_the_prox(name):
+    """In-place writes through ``.data`` bypass version counters, so the look before the step
+    misses them; the prox's own check after the update still refuses to spread the NaN."""
+    model = _model()
+    opt = _optimizer(name, model)
+    _backward(model, 0)
+    opt.step()
+    opt.zero_grad()
+    _backward(model, 1)
+    model[2].weight.data[1, 4] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"made parameter '2\.weight' NaN"):
+        opt.step()
 
 
 def test_unnamed_parameters_are_named_by_their_place():

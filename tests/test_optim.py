@@ -100,6 +100,72 @@ def test_zero_lambda_equals_torch_adamw(amsgrad, foreach, metric):
     _assert_same_steps(ref_model, ref_opt, model, opt)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_default_is_torch_fused_kernel_and_zero_lambda_equals_it(kind):
+    """Without foreach= or fused=, the optimizers take torch's fused kernel where it applies."""
+    ref_model, model = _model(), _model()
+    h = _hierarchy(model)
+    if kind == "sgd":
+        ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.05, momentum=0.9, fused=True)
+        opt = gp.ProxSGD(
+            model.parameters(),
+            lr=0.05,
+            momentum=0.9,
+            hierarchy=h,
+            penalties={"base_level": gp.GroupLasso(0.0)},
+        )
+    else:
+        ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, fused=True)
+        opt = gp.ProxAdam(
+            model.parameters(), lr=1e-2, hierarchy=h, penalties={"base_level": gp.GroupLasso(0.0)}
+        )
+    assert opt.defaults["fused"] is True and opt._step_supports_amp_scaling
+    _assert_same_steps(ref_model, ref_opt, model, opt)
+
+
+@pytest.mark.parametrize(
+    "kw, fused",
+    [
+        (dict(foreach=True), None),
+        (dict(foreach=False), None),
+        (dict(fused=False), False),
+        (dict(differentiable=True), None),
+    ],
+)
+def test_a_chosen_implementation_is_kept(kw, fused):
+    model = _model()
+    assert gp.ProxSGD(model.parameters(), lr=0.1, **kw).defaults["fused"] is fused
+
+
+def test_the_default_reads_a_generator_of_params_and_param_groups_once():
+    model = _model()
+    opt = gp.ProxSGD((p for p in model.parameters()), lr=0.1, hierarchy=_hierarchy(model))
+    assert opt.defaults["fused"] is True
+    groups = [{"params": (p for p in model[0].parameters())}, {"params": model[3].weight}]
+    opt = gp.ProxSGD(groups, lr=0.1)
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 1]
+    named = gp.ProxAdam(model.named_parameters(), lr=0.1)
+    assert named.defaults["fused"] is True and named.param_groups[0]["param_names"]
+
+
+def test_integer_or_complex_parameters_keep_torch_default():
+    w = nn.Parameter(torch.ones(2, dtype=torch.complex64))
+    assert gp.ProxSGD([w], lr=0.1).defaults["fused"] is None
+
+
+def test_sparse_gradients_take_the_foreach_path_under_the_default():
+    torch.manual_seed(0)
+    emb, ref = nn.Embedding(10, 4, sparse=True), nn.Embedding(10, 4, sparse=True)
+    ref.load_state_dict(emb.state_dict())
+    opt = gp.ProxSGD(emb.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, foreach=True)
+    for m, o in ((emb, opt), (ref, ref_opt)):
+        m(torch.tensor([1, 2, 2])).sum().backward()
+        o.step()
+    assert torch.equal(emb.weight, ref.weight)
+    assert opt.param_groups[0]["fused"] is True
+
+
 def test_step_is_torch_update_then_prox():
     """One ProxSGD step = one torch SGD step followed by the prox of the penalty."""
     ref_model, model = _model(), _model()

@@ -148,7 +148,7 @@ def test_group_multipliers_reweight_the_prox_exactly():
     h = gp.Hierarchy({"base_level": [[(w, 0, i)] for i in range(4)]})
     opt = gp.ProxSGD([w], lr=1.0, hierarchy=h, penalties={"base_level": gp.GroupLasso(0.3)})
     before = w.detach().clone()
-    opt._plan.set_group_multipliers(0, torch.tensor([0.0, 1.0, 2.0, 0.0], dtype=torch.float64))
+    opt.prox.plan.set_group_multipliers(0, torch.tensor([0.0, 1.0, 2.0, 0.0], dtype=torch.float64))
     w.grad = torch.zeros_like(w)
     opt.step()
     tau = 0.3 * math.sqrt(3) * torch.tensor([0.0, 1.0, 2.0, 0.0])
@@ -205,7 +205,7 @@ def test_warmup_is_plain_sgd():
     model = _narrow_resnet(4)
     twin = copy.deepcopy(model)
     opt = _optimizer("sgd", model, gp.hierarchy.resnet(model))
-    ref = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    ref = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True)
     target = gp.SparsityTarget(opt, {"base_level": 0.5}, warmup_steps=5, reach_step=10)
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
@@ -336,7 +336,7 @@ def test_group_multipliers_never_overwrite_the_penalty_weights():
     w = torch.randn(4, 3, dtype=torch.float64)
     h = gp.Hierarchy({"base_level": [[(w, 0, i)] for i in range(4)]})
     opt = gp.ProxSGD([w], lr=0.1, hierarchy=h, penalties={"base_level": gp.GroupLasso(0.1)})
-    plan = opt._plan
+    plan = opt.prox.plan
     base = plan.base_weights(0).clone()
     plan.set_group_multipliers(0, None)
     w.grad = torch.zeros_like(w)

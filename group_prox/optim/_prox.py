@@ -13,15 +13,10 @@ from torch import Tensor
 
 from ..distributed import is_dtensor, local_tensor, process_group
 from ..hierarchy.core import Hierarchy
-from ..kernels import (
-    NonFiniteAtoms,
-    ProxPlan,
-    group_sq_norms,
-    hierarchical_prox_,
-    scale_atoms_,
-)
 from ..penalties import Penalty
+from ..prox import HierarchicalProx, NonFiniteAtoms
 from ..report import SparsityReport, build_report
+from ..validation import check_choice
 from ._checkpoint import (
     FORMAT,
     STATE_KEY,
@@ -32,10 +27,6 @@ from ._checkpoint import (
     state_checksums,
 )
 from ._nonfinite import NONFINITE_MODES, NonFinite, describe, first_nonfinite, parameter_names
-
-#: A penalty under this key acts on one group holding every parameter of the hierarchy, unless the
-#: hierarchy has a level of that name (the earlier project's ``type: global``).
-GLOBAL = "global"
 
 
 def unhooked_step(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -52,8 +43,9 @@ def _as_float(x: float | Tensor) -> float:
 class ProxMixin:
     """Adds the proximal step of a hierarchical group penalty to a ``torch.optim.Optimizer``.
 
-    The subclass must call :meth:`_init_prox` at the end of ``__init__`` and :meth:`_prox_step`
-    after its ordinary update. It may override :meth:`_component_eta`.
+    The optimizer holds a :class:`~group_prox.HierarchicalProx` (:attr:`prox`) and applies it
+    after torch's update. The subclass must call :meth:`_init_prox` at the end of ``__init__`` and
+    run its update through :meth:`_guarded_step`. It may override :meth:`prox_step_sizes`.
     """
 
     param_groups: list[dict[str, Any]]
@@ -63,11 +55,7 @@ class ProxMixin:
     #: The attributes that ``copy.deepcopy`` and ``pickle`` carry besides torch's ``defaults``,
     #: ``state`` and ``param_groups`` (see :meth:`__getstate__`); a subclass adds its own.
     _copied_attributes: tuple[str, ...] = (
-        "_hierarchy",
-        "_penalties",
-        "_plan",
-        "_frozen_keep",
-        "_prox_shapes",
+        "_prox",
         "nonfinite",
         "_nonfinite_group",
         "_nonfinite_device",
@@ -78,146 +66,61 @@ class ProxMixin:
         self, hierarchy: Hierarchy | None, penalties: Mapping[str, Penalty] | None
     ) -> None:
         owner = type(self).__name__
-        penalties = {} if penalties is None else penalties
-        if not isinstance(penalties, Mapping):
-            raise TypeError(
-                f"{owner}: penalties must be a mapping {{level name: penalty}}, e.g. "
-                f"{{'base_level': group_prox.GroupLasso(1e-4)}}; got {type(penalties).__name__}."
-            )
         if hierarchy is None:
+            if penalties is not None and not isinstance(penalties, Mapping):
+                raise TypeError(
+                    f"{owner}: penalties must be a mapping {{level name: penalty}}, e.g. "
+                    f"{{'base_level': group_prox.GroupLasso(1e-4)}}; got "
+                    f"{type(penalties).__name__}."
+                )
             if penalties:
                 raise ValueError(
                     f"{owner}: penalties were given for levels {list(penalties)} without a "
                     "hierarchy=; pass the hierarchy they act on, e.g. "
                     "hierarchy=group_prox.hierarchy.resnet(model)."
                 )
-            self._hierarchy = None
-            self._penalties: Mapping[str, Penalty] = MappingProxyType({})
-            self._plan = None
-            self._frozen_keep: Tensor | None = None
-            self._check_step_sizes()
-            return
-        if not isinstance(hierarchy, Hierarchy):
-            raise TypeError(
-                f"{owner}: hierarchy must be a group_prox.Hierarchy (for example "
-                f"group_prox.hierarchy.resnet(model)), got {type(hierarchy).__name__}."
+            self._prox: HierarchicalProx | None = None
+        else:
+            self._prox = HierarchicalProx(
+                hierarchy, penalties, [g["params"] for g in self.param_groups], owner=owner
             )
-        if GLOBAL in penalties and GLOBAL not in hierarchy.level_names:
-            if not hierarchy.tensors:
-                raise ValueError(
-                    f"{owner}: penalties[{GLOBAL!r}] acts on one group holding every parameter of "
-                    "the hierarchy, but the hierarchy holds none. Check how it was built (a "
-                    "builder finds no group in a model it does not recognise)."
-                )
-            hierarchy = hierarchy.with_level(GLOBAL, [hierarchy.params])
-        for level, pen in penalties.items():
-            if level not in hierarchy.level_names:
-                raise ValueError(
-                    f"{owner}: penalties names level {level!r}, which the hierarchy does not have; "
-                    f"its levels are {list(hierarchy.level_names)}."
-                )
-            if not isinstance(pen, Penalty):
-                raise TypeError(
-                    f"{owner}: the penalty for level {level!r} must be a group_prox penalty "
-                    f"(GroupLasso, L1, ...), got {type(pen).__name__}."
-                )
-            if pen.groups is not None:
-                unknown = sorted(pen.groups - set(hierarchy.group_names(level)))
-                if unknown:
-                    raise ValueError(
-                        f"{owner}: the penalty for level {level!r} names groups it does not "
-                        f"have: {', '.join(map(repr, unknown[:3]))}"
-                        f"{f' and {len(unknown) - 3} more' if len(unknown) > 3 else ''}."
-                    )
-            try:
-                pen.weights(hierarchy.group_sizes(level))
-            except (TypeError, ValueError) as e:
-                raise type(e)(
-                    f"{owner}: the weights of the penalty for level {level!r} cannot be computed: "
-                    f"{e}"
-                ) from e
-        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        own = [p for g in self.param_groups for p in g["params"]]
-        frozen = hierarchy.names_outside(own, requires_grad=False)
-        if frozen:
-            raise ValueError(
-                f"{owner}: the hierarchy holds frozen parameters (requires_grad=False) that are "
-                f"not among the optimizer's parameters: {frozen}. Build the hierarchy without "
-                "them: the builders of group_prox.hierarchy leave frozen parameters out unless "
-                "include_frozen=True (a hand-built Hierarchy should not list them either). Give "
-                "them to the optimizer only if the prox should shrink them too."
-            )
-        missing = hierarchy.names_outside(own)
-        if missing:
-            raise ValueError(
-                f"{owner}: the hierarchy holds parameters that are not among the optimizer's "
-                f"parameters: {missing}. Pass the same model's parameters."
-            )
-        meta = next((lay for lay in hierarchy.tensors if lay.param.is_meta), None)
-        if meta is not None:
-            raise ValueError(
-                f"{owner}: parameter {meta.name!r} is on the meta device, so the prox cannot read "
-                "it: materialise the model first (model.to_empty(device=...), then initialise "
-                "or load its weights) and build the hierarchy and the optimizer from it."
-            )
-        devices = {lay.param.device for lay in hierarchy.tensors}
-        if len(devices) > 1:
-            raise ValueError(
-                f"{owner}: the hierarchy's parameters lie on several devices {sorted(map(str, devices))}; "
-                "a hierarchy must live on one device."
-            )
-        self._hierarchy = hierarchy
-        self._penalties = MappingProxyType(dict(penalties))
-        self._plan = ProxPlan(
-            hierarchy,
-            list(penalties.items()),
-            [group_of[id(lay.param)] for lay in hierarchy.tensors],
-        )
-        # 1/0 per atom while the zero pattern is frozen (see freeze_zero_groups), else None.
-        self._frozen_keep = None
-        # The plan cuts each tensor by its shape now; a tensor resized later would fail mid-step.
-        self._prox_shapes = tuple(tuple(lay.param.shape) for lay in hierarchy.tensors)
         self._check_step_sizes()
 
     # ------------------------------------------------------------------------------------ API
     @property
+    def prox(self) -> HierarchicalProx | None:
+        """The :class:`~group_prox.HierarchicalProx` applied after every update (``None``
+        without a hierarchy): its plan, penalties, frozen pattern and what it last read."""
+        return self._prox
+
+    @property
     def hierarchy(self) -> Hierarchy | None:
         """The hierarchy the penalties act on."""
-        return self._hierarchy
+        return None if self._prox is None else self._prox.hierarchy
 
     @property
     def penalties(self) -> Mapping[str, Penalty]:
         """Read-only mapping ``level -> penalty``; change a penalty's ``lam`` to retune it."""
-        return self._penalties
+        return _NO_PENALTIES if self._prox is None else self._prox.penalties
 
     def penalty_value(self) -> float:
         """The current value of the whole penalty ``Ω(x) = Σ_levels Ω_level(x)``."""
-        if self._hierarchy is None:
-            return 0.0
-        total = 0.0
-        for level, pen in self._penalties.items():
-            groups = self._hierarchy.groups(level)
-            if pen.groups is not None:
-                names = self._hierarchy.group_names(level)
-                groups = [g for g, n in zip(groups, names) if n in pen.groups]
-            total += float(pen.value(groups))
-        return total
+        return 0.0 if self._prox is None else self._prox.penalty_value()
 
     def get_sparsity_report(self) -> SparsityReport:
         """Which groups of the hierarchy are exactly zero (see :class:`SparsityReport`)."""
-        if self._hierarchy is None:
+        if self._prox is None:
             raise ValueError(
                 f"{type(self).__name__} was built without a hierarchy: nothing to report."
             )
         params = [p for g in self.param_groups for p in g["params"]]
-        return build_report(self._hierarchy, all_params=params)
+        return build_report(self._prox.hierarchy, all_params=params)
 
     @property
     def frozen(self) -> bool:
         """Whether the zero pattern is frozen (see :meth:`freeze_zero_groups`)."""
-        return self._frozen_keep is not None
+        return self._prox is not None and self._prox.frozen
 
-    @torch.no_grad()
     def freeze_zero_groups(self) -> int:
         """Freeze the current zero pattern, for a final phase in which the survivors recover.
 
@@ -230,42 +133,36 @@ class ProxMixin:
         Returns:
             The number of scalars held at zero.
         """
-        plan = self._require_plan("freeze_zero_groups")
-        if not plan.tensors:  # a hierarchy without parameters has nothing to hold at zero
-            return 0
-        atom_sq, level_sq = group_sq_norms(plan)
-        dead = torch.zeros_like(atom_sq, dtype=torch.bool)
-        for i, (lp, sq) in enumerate(zip(plan.levels, level_sq)):
-            dead |= plan.atoms_in(i, (sq == 0) & lp.covered.to(sq.device))
-        keep = (~dead).to(plan.acc_dtype)
-        self._frozen_keep = keep
-        scale_atoms_(plan, keep)
-        numel = torch.as_tensor(self._hierarchy.atom_numel, device=dead.device)  # type: ignore[union-attr]
-        return int(numel[dead].sum())
+        return self._require_prox("freeze_zero_groups").freeze_zero_groups()
 
     def unfreeze(self) -> None:
         """Return to the proximal step after :meth:`freeze_zero_groups`."""
-        self._frozen_keep = None
+        if self._prox is not None:
+            self._prox.unfreeze()
+
+    def prox_step_sizes(self) -> Tensor:
+        """The step size of the prox at the next step for every group tree (the prox's
+        components, with a trailing 0 for unpenalised atoms): the ``lr`` of the tree's param
+        group. A controller reads it to turn group norms into thresholds."""
+        prox = self._require_prox("prox_step_sizes")
+        return prox.component_step_sizes(self._param_group_lrs(prox.plan.acc_dtype))
 
     def _tensor_names(self) -> dict[int, str]:
         """The hierarchy's names of its tensors, by ``id``, for messages."""
-        if self._hierarchy is None:
+        if self._prox is None:
             return {}
-        return {id(lay.param): lay.name for lay in self._hierarchy.tensors}
+        return {id(lay.param): lay.name for lay in self._prox.hierarchy.tensors}
 
-    def _require_plan(self, what: str) -> ProxPlan:
-        if self._plan is None:
+    def _require_prox(self, what: str) -> HierarchicalProx:
+        if self._prox is None:
             raise ValueError(f"{type(self).__name__}.{what}: the optimizer has no hierarchy.")
-        return self._plan
+        return self._prox
 
     # ----------------------------------------------------------------------- guarded steps
     def _init_nonfinite(self, nonfinite: NonFinite) -> None:
-        if nonfinite not in NONFINITE_MODES:
-            raise ValueError(
-                f"{type(self).__name__}: nonfinite must be one of {NONFINITE_MODES}, "
-                f"got {nonfinite!r}."
-            )
-        self.nonfinite: NonFinite = nonfinite
+        self.nonfinite: NonFinite = check_choice(
+            nonfinite, type(self).__name__, "nonfinite", NONFINITE_MODES
+        )
         # Sharded gradients (FSDP2): each rank sees its own shards, so all ranks must agree on
         # whether to step, or one would step (and enter the prox's collective) alone.
         sharded = next((p for g in self.param_groups for p in g["params"] if is_dtensor(p)), None)
@@ -325,12 +222,16 @@ class ProxMixin:
     def _find_nonfinite(self) -> str | None:
         """Which gradient or parameter holds a NaN or an infinity (one pass, one sync), or None.
 
-        Under a GradScaler's fused step the gradients are still scaled and ``found_inf`` has
-        already judged them, so only the parameters are looked at."""
+        The parameters that the last prox found finite and that nothing has written since are
+        not read again (see :meth:`HierarchicalProx.unread`). Under a GradScaler's fused step the
+        gradients are still scaled and ``found_inf`` has already judged them, so only the
+        parameters are looked at."""
         params = [p for g in self.param_groups for p in g["params"]]
         scaled = getattr(self, "found_inf", None) is not None
         grads = [] if scaled else [p.grad for p in params if p.grad is not None]
         with_grad = [] if scaled else [p for p in params if p.grad is not None]
+        if self._prox is not None:
+            params = self._prox.unread(params)
         bad = first_nonfinite([*grads, *params])
         if bad is None:
             return None
@@ -386,37 +287,16 @@ class ProxMixin:
                     "was changed."
                 )
             values[i] = value
-        if own:
-            for level, pen in self._penalties.items():
-                try:
-                    pen._validate()
-                except (TypeError, ValueError) as e:
-                    raise type(e)(
-                        f"{owner}: the penalty of level {level!r} holds an invalid value ({e}) Set "
-                        f"it through its property, e.g. optimizer.penalties[{level!r}].lam = 1e-4. "
-                        "Nothing was changed."
-                    ) from None
-        plan = self._plan
-        if plan is None:
+        prox = self._prox
+        if prox is None:
             return
         if own:
-            for lay, shape in zip(plan.tensors, self._prox_shapes):
-                if tuple(lay.param.shape) != shape:
-                    raise ValueError(
-                        f"{owner}: parameter {lay.name} of the hierarchy was resized from "
-                        f"{shape} to {tuple(lay.param.shape)} after the optimizer was built; "
-                        "build the hierarchy and the optimizer again for the new shapes. Nothing "
-                        "was changed."
-                    )
-        for link in plan.linked_param_groups:
-            linked = {i: values[i] if i in values else _as_float(lrs[i]) for i in sorted(link)}  # type: ignore[arg-type]
-            if len(set(linked.values())) > 1:
-                raise ValueError(
-                    f"{owner}: a group tree (around {plan.describe_link(link)}) spans "
-                    f"{where}s {sorted(link)} whose learning rates differ ({linked}). The prox "
-                    "step size must be one number per tree: give these param groups the same lr, "
-                    "or schedule them together."
-                )
+            prox.check()
+        linked = {i for link in prox.plan.linked_param_groups for i in link}
+        prox.check_step_sizes(
+            {i: values[i] if i in values else _as_float(lrs[i]) for i in sorted(linked)},  # type: ignore[arg-type]
+            where,
+        )
 
     def _param_group_lrs(self, dtype: torch.dtype) -> Tensor:
         lrs = [g["lr"] for g in self.param_groups]
@@ -426,29 +306,17 @@ class ProxMixin:
             [torch.as_tensor(lr).detach().to("cpu", dtype).reshape(()) for lr in lrs]
         )
 
-    def _component_eta(self, plan: ProxPlan) -> Tensor:
-        """Prox step size of each component (plus a trailing 0): the lr of its param group."""
-        lrs = self._param_group_lrs(plan.acc_dtype)
-        eta = lrs[plan.component_param_group]
-        eta[-1] = 0.0
-        return eta
-
-    @torch.no_grad()
     def _prox_step(self) -> None:
-        plan = self._plan
-        if plan is None:
-            return
-        if self._frozen_keep is not None:
-            scale_atoms_(plan, self._frozen_keep)
-            return
-        if not any(pen.lam > 0 for pen in self._penalties.values()):
+        prox = self._prox
+        if prox is None or not prox.active:
             return
         try:
-            hierarchical_prox_(
-                plan, self._component_eta(plan), check_finite=self.nonfinite != "ignore"
+            prox.apply_(
+                self.prox_step_sizes() if not prox.frozen else 0.0,
+                check_finite=self.nonfinite != "ignore",
             )
         except NonFiniteAtoms as err:
-            name = plan.tensors[err.tensor].name
+            name = prox.plan.tensors[err.tensor].name
             base = next(c.__name__ for c in type(self).__mro__ if c.__module__.startswith("torch."))
             raise FloatingPointError(
                 f"{type(self).__name__}.step: the {base} update made parameter {name!r} NaN or "
@@ -484,16 +352,11 @@ class ProxMixin:
         for key in self._copied_attributes:
             if key in self.__dict__:
                 state[key] = self.__dict__[key]
-        if "_penalties" in state:
-            state["_penalties"] = dict(state["_penalties"])  # a read-only view cannot be pickled
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`__getstate__` gave (torch's ``load_state_dict`` also calls this
         with its own keys alone)."""
-        state = dict(state)
-        if "_penalties" in state:
-            state["_penalties"] = MappingProxyType(dict(state["_penalties"]))
         super().__setstate__(state)  # type: ignore[misc]
 
     # ------------------------------------------------------------------------- state dict
@@ -532,13 +395,16 @@ class ProxMixin:
         self._apply_prox_state(prox_state)
 
     def _prox_state(self) -> dict[str, Any]:
-        keep = self._frozen_keep
+        prox = self._prox
+        own = (
+            {"penalties": {}, "hierarchy": None, "frozen": None}
+            if prox is None
+            else prox.state_dict()
+        )
         return {
             "format": FORMAT,
             "optimizer": self.checkpoint_kind.name,
-            "penalties": {lv: pen.state_dict() for lv, pen in self._penalties.items()},
-            "hierarchy": None if self._hierarchy is None else self._hierarchy.signature(),
-            "frozen": None if keep is None else keep.detach().to("cpu", torch.bool).clone(),
+            **own,
             "skipped_steps": self.skipped_steps,
         }
 
@@ -551,19 +417,16 @@ class ProxMixin:
             f"{type(self).__name__}.load_state_dict",
             state,
             self._prox_state(),
-            self._penalties,
-            None if self._hierarchy is None else self._hierarchy.num_atoms,
+            self.penalties,
+            None if self._prox is None else self._prox.hierarchy.num_atoms,
         )
 
     def _apply_prox_state(self, state: dict[str, Any] | None) -> None:
         if state is None:
             return
-        for lv, pen_state in state.get("penalties", {}).items():
-            self._penalties[lv].load_state_dict(pen_state)
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        frozen = state.get("frozen")
-        if frozen is None or self._plan is None:
-            self._frozen_keep = None
-        else:
-            device = self._plan.tensors[0].param.device
-            self._frozen_keep = frozen.to(device, self._plan.acc_dtype)
+        if self._prox is not None:
+            self._prox.load_state_dict(state)
+
+
+_NO_PENALTIES: Mapping[str, Penalty] = MappingProxyType({})

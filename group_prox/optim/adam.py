@@ -9,9 +9,11 @@ import torch
 from torch import Tensor
 
 from ..hierarchy.core import Hierarchy
-from ..kernels import ProxPlan, atom_sum
+from ..kernels import atom_sum
 from ..penalties import Penalty
+from ..validation import check_choice
 from ._checkpoint import OptimizerKind
+from ._defaults import default_fused
 from ._nonfinite import NonFinite
 from ._prox import ProxMixin, unhooked_step
 
@@ -44,13 +46,17 @@ class ProxAdam(ProxMixin, torch.optim.AdamW):
 
     Args:
         params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable,
-            differentiable, fused: as for :class:`torch.optim.AdamW`.
+            differentiable, fused: as for :class:`torch.optim.AdamW`, except the default
+            implementation: when neither ``foreach`` nor ``fused`` is given (and
+            ``differentiable=False``), torch's fused kernel is used wherever it applies, as
+            ``fused=True`` (see :class:`~group_prox.ProxSGD`).
         hierarchy, penalties: as for :class:`~group_prox.ProxSGD`.
         prox_metric: ``"lr"`` or ``"preconditioner"`` (see above).
         nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a step does when a
             gradient or parameter holds a NaN or an infinity (see :class:`~group_prox.ProxSGD`).
 
-    With every λ equal to 0 the optimizer is exactly :class:`torch.optim.AdamW`. Parameters whose
+    With every λ equal to 0 the optimizer is exactly :class:`torch.optim.AdamW` with the same
+    ``foreach``/``fused`` choice (by default ``fused=True`` where it applies). Parameters whose
     ``grad`` is ``None`` are skipped by the Adam update but their groups are still shrunk (see
     :class:`~group_prox.ProxSGD`).
     """
@@ -83,15 +89,10 @@ class ProxAdam(ProxMixin, torch.optim.AdamW):
         prox_metric: Literal["lr", "preconditioner"] = "lr",
         nonfinite: NonFinite = "raise",
     ) -> None:
-        if not isinstance(prox_metric, str):
-            raise TypeError(
-                f"ProxAdam: prox_metric must be one of {_METRICS}, got {type(prox_metric).__name__} "
-                f"{prox_metric!r}."
-            )
-        if prox_metric not in _METRICS:
-            raise ValueError(
-                f"ProxAdam: prox_metric must be one of {_METRICS}, got {prox_metric!r}."
-            )
+        check_choice(prox_metric, "ProxAdam", "prox_metric", _METRICS)
+        params, fused = default_fused(
+            params, foreach=foreach, fused=fused, differentiable=differentiable
+        )
         super().__init__(
             params,
             lr=lr,
@@ -128,10 +129,14 @@ class ProxAdam(ProxMixin, torch.optim.AdamW):
         a gradient or parameter is not finite, an error or a skipped step (see ``nonfinite``)."""
         return self._guarded_step(lambda: _adamw_step(self, None), closure)
 
-    def _component_eta(self, plan: ProxPlan) -> Tensor:
-        eta = super()._component_eta(plan)
+    def prox_step_sizes(self) -> Tensor:
+        """The step size of the prox at the next step for every group tree (with a trailing 0):
+        ``lr``, or with ``prox_metric="preconditioner"`` ``lr`` over the mean of
+        ``sqrt(v̂) + eps`` over the tree."""
+        eta = super().prox_step_sizes()
         if self.prox_metric == "lr":
             return eta
+        plan = self._require_prox("prox_step_sizes").plan
         acc = plan.acc_dtype
         device = plan.tensors[0].param.device
         pg_of = {id(p): g for g in self.param_groups for p in g["params"]}

@@ -11,6 +11,7 @@ from torch import Tensor
 from ..hierarchy.core import Hierarchy
 from ..penalties import Penalty
 from ._checkpoint import OptimizerKind
+from ._defaults import default_fused, has_sparse_grad
 from ._nonfinite import NonFinite
 from ._prox import ProxMixin, unhooked_step
 from .compiled_sgd import CompiledSGDUpdate
@@ -36,7 +37,12 @@ class ProxSGD(ProxMixin, torch.optim.SGD):
     Args:
         params: as for :class:`torch.optim.SGD` (tensors, named tensors or param-group dicts).
         lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused:
-            as for :class:`torch.optim.SGD`.
+            as for :class:`torch.optim.SGD`, except the default implementation: when neither
+            ``foreach`` nor ``fused`` is given (and ``differentiable=False``), torch's fused
+            kernel is used wherever it applies (every parameter a floating-point tensor on a
+            CPU, CUDA or XPU device), as ``fused=True``; it makes one pass over each tensor
+            where foreach makes several, and pays for most of the prox. Steps with a sparse
+            gradient take torch's foreach path. Pass ``foreach=True`` for torch's default.
         hierarchy: the :class:`~group_prox.Hierarchy` of parameter groups, e.g.
             ``group_prox.hierarchy.resnet(model)``. Every tensor in it must be among ``params``
             (the builders leave frozen parameters out, so the trainable ones are enough).
@@ -60,7 +66,9 @@ class ProxSGD(ProxMixin, torch.optim.SGD):
             and counts it).
 
     Notes:
-        * With every λ equal to 0 the optimizer is exactly :class:`torch.optim.SGD`.
+        * With every λ equal to 0 the optimizer is exactly :class:`torch.optim.SGD` with the same
+          ``foreach``/``fused`` choice (by default ``torch.optim.SGD(..., fused=True)`` where that
+          applies, see ``fused``).
         * All parameters of a group tree must share one ``lr`` (checked at construction and at
           every step, so that schedulers cannot split them).
         * A parameter whose ``grad`` is ``None`` is skipped by the gradient update, as in torch, but
@@ -97,6 +105,9 @@ class ProxSGD(ProxMixin, torch.optim.SGD):
         compiled: bool = False,
         nonfinite: NonFinite = "raise",
     ) -> None:
+        params, fused = default_fused(
+            params, foreach=foreach, fused=fused, differentiable=differentiable
+        )
         super().__init__(
             params,
             lr=lr,
@@ -127,5 +138,15 @@ class ProxSGD(ProxMixin, torch.optim.SGD):
             self.param_groups, self.state
         ):
             self._compiled_update.step(self.param_groups, self.state)
+        elif self.defaults["fused"] and has_sparse_grad(self.param_groups):
+            # torch's fused kernel refuses sparse gradients; foreach computes the same update.
+            fused = [g["fused"] for g in self.param_groups]
+            try:
+                for g in self.param_groups:
+                    g["fused"] = False
+                _sgd_step(self, None)
+            finally:
+                for g, f in zip(self.param_groups, fused):
+                    g["fused"] = f
         else:
             _sgd_step(self, None)
