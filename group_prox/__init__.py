@@ -16,7 +16,17 @@ from .compression import (
 from .config import from_config
 from .hierarchy import Hierarchy
 from .optim import ProxAdam, ProxSGD
-from .penalties import L1, GroupDecay, GroupL0, GroupLasso, Penalty, SparseGroupLasso
+from .penalties import (
+    L1,
+    GroupDecay,
+    GroupL0,
+    GroupLasso,
+    GroupLogSum,
+    GroupMCP,
+    GroupSCAD,
+    Penalty,
+    SparseGroupLasso,
+)
 from .report import SparsityReport, get_sparsity_report
 from .target import SparsityTarget
 
@@ -28,6 +38,9 @@ __all__ = [
     "GroupDecay",
     "GroupL0",
     "GroupLasso",
+    "GroupLogSum",
+    "GroupMCP",
+    "GroupSCAD",
     "Hierarchy",
     "Penalty",
     "ProxAdam",
