@@ -16,7 +16,17 @@ from .compression import (
 from .config import from_config
 from .hierarchy import Hierarchy
 from .optim import ProxAdam, ProxSGD
-from .penalties import L1, GroupDecay, GroupL0, GroupLasso, Penalty, SparseGroupLasso
+from .penalties import (
+    L1,
+    GroupDecay,
+    GroupL0,
+    GroupLasso,
+    GroupLogSum,
+    GroupMCP,
+    GroupSCAD,
+    Penalty,
+    SparseGroupLasso,
+)
 from .prox import HierarchicalProx
 from .report import SparsityReport, get_sparsity_report
 from .target import SparsityTarget
@@ -29,6 +39,9 @@ __all__ = [
     "GroupDecay",
     "GroupL0",
     "GroupLasso",
+    "GroupLogSum",
+    "GroupMCP",
+    "GroupSCAD",
     "HierarchicalProx",
     "Hierarchy",
     "Penalty",

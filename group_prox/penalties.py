@@ -15,7 +15,8 @@ parameters' range gives ``τ = +inf`` (the group goes to zero), never a NaN.
 
 Group weights ``w_g`` (``weight=``) follow the usual convention of the group lasso literature:
 
-* ``"sqrt_size"`` (default for :class:`GroupLasso` and :class:`SparseGroupLasso`):
+* ``"sqrt_size"`` (default for :class:`GroupLasso`, :class:`SparseGroupLasso`, :class:`GroupMCP`,
+  :class:`GroupSCAD` and :class:`GroupLogSum`):
   ``w_g = sqrt(n_g)`` with ``n_g`` the number of scalars in the group, so that a group of random
   weights is penalised independently of its size;
 * ``"size"`` (default for :class:`GroupL0`): ``w_g = n_g``;
@@ -40,6 +41,9 @@ __all__ = [
     "GroupDecay",
     "GroupL0",
     "GroupLasso",
+    "GroupLogSum",
+    "GroupMCP",
+    "GroupSCAD",
     "Penalty",
     "SparseGroupLasso",
     "WeightSpec",
@@ -250,7 +254,8 @@ class Penalty:
     def state_dict(self) -> dict[str, Any]:
         """The penalty's kind and options (checked on load) and its tunable values (loaded):
         ``{"kind", "weight", "groups", "lam"}``, plus ``"l1_ratio"`` for
-        :class:`SparseGroupLasso`. Plain data only (a callable weight is recorded by its
+        :class:`SparseGroupLasso` and the shape parameter (``"gamma"``, ``"a"``, ``"eps"``) for
+        :class:`GroupMCP`, :class:`GroupSCAD`, :class:`GroupLogSum`. Plain data only (a callable weight is recorded by its
         qualified name), so ``torch.load(weights_only=True)`` reads it."""
         return {"kind": self._name, **self._options(), **self._tunables()}
 
@@ -526,3 +531,357 @@ class GroupL0(Penalty):
 
     def _extra_repr(self) -> str:
         return "" if self.weight == "size" else f"weight={self.weight!r}"
+
+
+# --------------------------------------------------------------------------------------------
+# Penalties that shrink large groups less than the group lasso (non-convex). Each is a function
+# P(r) of the group norm r = ‖x_g‖₂, nondecreasing, so its prox is a scaling of the group by
+# ρ/r with ρ the minimiser of the 1-D problem ½(ρ − r)² + eta·P(ρ) over ρ ∈ [0, r].
+
+
+def _check_shape(value: object, owner: str, name: str, low: float, meaning: str) -> float:
+    """A shape parameter as a float, refused unless it is finite and ``> low``."""
+    number = _check_real(value, owner, name)
+    if not (math.isfinite(number) and number > low):
+        raise ValueError(
+            f"{owner}: {name} must be finite and > {low:g} ({meaning}), got {number!r}."
+        )
+    return number
+
+
+def _norms64(sq_norms: Tensor) -> Tensor:
+    return sq_norms.to(torch.float64).sqrt()
+
+
+def _ratio(rho: Tensor, norms: Tensor) -> Tensor:
+    """``ρ/r`` in [0, 1], 0 for an empty group (no 0/0) and never above 1: the prox of a
+    nondecreasing penalty of the norm never lengthens a group, rounding included."""
+    safe = torch.where(norms > 0, norms, 1.0)
+    return torch.where(norms > 0, rho / safe, 0.0).clamp(0.0, 1.0)
+
+
+def _mcp(norms: Tensor, lam_w: Tensor, gamma: float) -> Tensor:
+    inner = lam_w * norms - norms.square() / (2.0 * gamma)
+    return torch.where(norms <= gamma * lam_w, inner, 0.5 * gamma * lam_w.square())
+
+
+def _scad(norms: Tensor, lam_w: Tensor, a: float) -> Tensor:
+    middle = (2.0 * a * lam_w * norms - norms.square() - lam_w.square()) / (2.0 * (a - 1.0))
+    outer = 0.5 * (a + 1.0) * lam_w.square()
+    return torch.where(
+        norms <= lam_w, lam_w * norms, torch.where(norms <= a * lam_w, middle, outer)
+    )
+
+
+def _log_sum(norms: Tensor, lam_w: Tensor, eps: float) -> Tensor:
+    return lam_w * torch.log1p(norms / eps)
+
+
+class _ShapedPenalty(Penalty):
+    """A non-convex penalty ``λ Σ_g P(‖x_g‖₂)`` with one shape parameter besides λ (MCP's
+    ``gamma``, SCAD's ``a``, log-sum's ``eps``). The shape parameter is tunable like λ: set
+    through its property (an invalid value is refused and the old one kept), saved by
+    :meth:`state_dict` and restored by :meth:`load_state_dict`."""
+
+    convex = False
+    #: name of the shape parameter (its property; the value lives in ``_<name>``).
+    _shape: str = ""
+
+    def __init__(
+        self,
+        lam: float,
+        shape: float,
+        weight: WeightSpec = "sqrt_size",
+        *,
+        groups: Collection[str] | None = None,
+    ) -> None:
+        super().__init__(lam, weight, groups=groups)
+        setattr(self, self._shape, shape)
+
+    def _check(self, value: object) -> float:
+        raise NotImplementedError
+
+    def _norm_penalty(self, norms: Tensor, lam_w: Tensor) -> Tensor:
+        """``λ·P(r)`` elementwise, for float64 norms ``r`` and ``λ·w_g``."""
+        raise NotImplementedError
+
+    def value(self, groups: Sequence[Sequence[Tensor]]) -> Tensor:
+        if not groups:
+            return torch.zeros((), dtype=_ACC_DTYPE)
+        norms = torch.stack([torch.linalg.vector_norm(_flat_group(g)).cpu() for g in groups])
+        sizes = [sum(t.numel() for t in g) for g in groups]
+        lam_w = self.lam * torch.tensor(self.weights(sizes), dtype=_ACC_DTYPE)
+        # An empty group costs 0, also where λ·w_g overflows (no inf·0).
+        return torch.where(norms > 0, self._norm_penalty(norms, lam_w), 0.0).sum()
+
+    def _tunables(self) -> dict[str, float]:
+        return {"lam": self.lam, self._shape: getattr(self, self._shape)}
+
+    def _parse_state(self, state: object) -> dict[str, float]:
+        parsed = super()._parse_state(state)
+        assert isinstance(state, Mapping)  # checked by the base class
+        if self._shape not in state:
+            raise ValueError(
+                f"{self._name}.load_state_dict: the state has no {self._shape!r} "
+                f"(keys: {sorted(map(str, state))}); pass a state saved by a {self._name}."
+            )
+        parsed[self._shape] = self._check(state[self._shape])
+        return parsed
+
+    def _validate(self) -> None:
+        super()._validate()
+        self._check(getattr(self, "_" + self._shape))
+
+    def _extra_repr(self) -> str:
+        extra = f"{self._shape}={getattr(self, self._shape):g}"
+        if self.weight != "sqrt_size":
+            extra += f", weight={self.weight!r}"
+        return extra
+
+
+class GroupMCP(_ShapedPenalty):
+    r"""Group minimax concave penalty (Zhang 2010; Breheny and Huang 2015), non-convex:
+    ``Ω(x) = Σ_g P(‖x_g‖₂)`` with, for ``r ≥ 0``,
+
+    .. code-block:: text
+
+        P(r) = λw_g·r − r²/(2γ)    if r ≤ γλw_g
+             = γλ²w_g²/2           otherwise
+
+    The group lasso's slope ``λw_g`` at 0, decreasing linearly to 0 at the knee ``r = γλw_g``: a
+    group with norm above the knee is not shrunk at all. ``γ → ∞`` is :class:`GroupLasso`.
+
+    ``gamma`` (γ > 0) is in the units of the step size ``eta`` (it is the inverse of the
+    penalty's negative curvature). Breheny and Huang's ``γ > 1`` is the case ``eta = 1`` of the
+    condition ``eta < γ`` for the prox to be unique; their default 3 is the default here. The
+    penalty itself does not depend on ``eta``, so the objective stays the same under a
+    learning-rate schedule, and the prox below is exact at every step size. With
+    ``τ = eta·λ·w_g`` and ``r = ‖x_g‖₂``:
+
+    * ``eta < γ`` (the firm threshold, unique)::
+
+          x_g ← 0                                 if r ≤ τ
+          x_g ← (1 − τ/r)/(1 − eta/γ) · x_g       if τ < r ≤ γλw_g
+          x_g ← x_g                               if r > γλw_g
+
+    * ``eta ≥ γ`` (the 1-D problem is concave on [0, γλw_g], so its minimiser is 0 or r): a hard
+      threshold, ``x_g ← 0`` if ``r ≤ sqrt(eta·γ)·λw_g``, else ``x_g`` unchanged (at equality both
+      are minimisers; 0 is taken).
+
+    Combined with other levels, the prox is applied at this level's place in the
+    finest-to-coarsest order to the values left by the finer levels; for a non-convex penalty
+    that composition is the exact prox of one level alone, not of the sum of the levels.
+    """
+
+    _shape = "gamma"
+
+    def __init__(
+        self,
+        lam: float,
+        gamma: float = 3.0,
+        weight: WeightSpec = "sqrt_size",
+        *,
+        groups: Collection[str] | None = None,
+    ) -> None:
+        super().__init__(lam, gamma, weight, groups=groups)
+
+    @property
+    def gamma(self) -> float:
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        self._gamma = self._check(value)
+
+    def _check(self, value: object) -> float:
+        return _check_shape(
+            value,
+            self._name,
+            "gamma",
+            0.0,
+            "the knee is at gamma·lam·w_g, and the prox is unique for steps eta < gamma; 3.0 is "
+            "the usual choice, and GroupLasso is the limit of a large gamma",
+        )
+
+    def _norm_penalty(self, norms: Tensor, lam_w: Tensor) -> Tensor:
+        return _mcp(norms, lam_w, self.gamma)
+
+    def group_scale(self, sq_norms: Tensor, eta: Tensor, weights: Tensor) -> Tensor:
+        gamma = self.gamma
+        r = _norms64(sq_norms)
+        eta64 = eta.to(torch.float64)
+        lam_w = self.lam * weights.to(torch.float64)
+        tau = threshold(eta, lam_w)
+        knee = gamma * lam_w
+        ramp = (1.0 - tau / torch.where(r > 0, r, 1.0)) / (1.0 - eta64 / gamma)
+        firm = torch.where(r <= tau, 0.0, torch.where(r > knee, 1.0, ramp))
+        # eta ≥ γ > 0, so τ > 0 unless λw_g = 0, and then the knee is 0 too: no 0·inf here.
+        hard = (r > tau.sqrt() * knee.sqrt()).to(torch.float64)
+        return torch.where(eta64 < gamma, firm, hard).clamp(0.0, 1.0)
+
+
+class GroupSCAD(_ShapedPenalty):
+    r"""Group smoothly clipped absolute deviation (Fan and Li 2001, on group norms), non-convex:
+    ``Ω(x) = Σ_g P(‖x_g‖₂)`` with, writing ``c = λw_g`` and ``r ≥ 0``,
+
+    .. code-block:: text
+
+        P(r) = c·r                              if r ≤ c
+             = (2a·c·r − r² − c²)/(2(a − 1))    if c < r ≤ a·c
+             = (a + 1)·c²/2                     otherwise
+
+    The group lasso's slope ``c`` up to ``r = c``, decreasing linearly to 0 at ``r = a·c``: a group
+    with norm above ``a·λw_g`` is not shrunk at all.
+
+    ``a > 1`` (Fan and Li's 3.7 by default) is Fan and Li's, whose form assumes a loss of unit
+    curvature: the knees ``λw_g`` and ``a·λw_g`` are in the units of the norms. The penalty does not
+    depend on the step, and the prox below is exact at every step size ``eta``. With
+    ``τ = eta·λ·w_g`` and ``r = ‖x_g‖₂``:
+
+    * ``eta < a − 1`` (unique; Fan and Li's ``a > 2`` is the case ``eta = 1``)::
+
+          x_g ← max(0, 1 − τ/r) · x_g                       if r ≤ c + τ   (soft threshold)
+          x_g ← ((a − 1) − a·τ/r)/(a − 1 − eta) · x_g       if c + τ < r ≤ a·c
+          x_g ← x_g                                         if r > a·c
+
+    * ``eta ≥ a − 1`` (the middle piece of the 1-D problem is concave): the minimiser is the
+      better of ``ρ₁ = min(max(r − τ, 0), c)`` (the minimiser over ``[0, c]``) and ``r`` (possible
+      only if ``r > a·c``), compared by ``½(ρ − r)² + eta·P(ρ)``; a tie takes ``ρ₁``.
+
+    Combined with other levels, the prox is applied at this level's place in the
+    finest-to-coarsest order to the values left by the finer levels; for a non-convex penalty
+    that composition is the exact prox of one level alone, not of the sum of the levels.
+    """
+
+    _shape = "a"
+
+    def __init__(
+        self,
+        lam: float,
+        a: float = 3.7,
+        weight: WeightSpec = "sqrt_size",
+        *,
+        groups: Collection[str] | None = None,
+    ) -> None:
+        super().__init__(lam, a, weight, groups=groups)
+
+    @property
+    def a(self) -> float:
+        return self._a
+
+    @a.setter
+    def a(self, value: float) -> None:
+        self._a = self._check(value)
+
+    def _check(self, value: object) -> float:
+        return _check_shape(
+            value,
+            self._name,
+            "a",
+            1.0,
+            "the penalty's slope falls from lam·w_g to 0 between the norms lam·w_g and a·lam·w_g, "
+            "and the prox is unique for steps eta < a - 1; 3.7 is the usual choice",
+        )
+
+    def _norm_penalty(self, norms: Tensor, lam_w: Tensor) -> Tensor:
+        return _scad(norms, lam_w, self.a)
+
+    def group_scale(self, sq_norms: Tensor, eta: Tensor, weights: Tensor) -> Tensor:
+        a = self.a
+        r = _norms64(sq_norms)
+        eta64 = eta.to(torch.float64)
+        c = self.lam * weights.to(torch.float64)
+        tau = threshold(eta, c)
+        inv_r = 1.0 / torch.where(r > 0, r, 1.0)
+        soft = torch.where(r > tau, 1.0 - tau * inv_r, 0.0)
+        middle = ((a - 1.0) - a * tau * inv_r) / (a - 1.0 - eta64)
+        unique = torch.where(r <= c + tau, soft, torch.where(r <= a * c, middle, 1.0))
+        # Non-convex middle: the better of ρ₁ (the prox over [0, c]) and r (over [a·c, ∞)).
+        rho1 = torch.minimum((r - tau).clamp(min=0.0), c)
+        f1 = 0.5 * (rho1 - r).square() + torch.where(rho1 > 0, tau * rho1, 0.0)
+        f3 = 0.5 * (a + 1.0) * tau * c
+        keep = (r > a * c) & (f3 < f1)
+        compared = torch.where(keep, 1.0, _ratio(rho1, r))
+        return torch.where(eta64 < a - 1.0, unique, compared).clamp(0.0, 1.0)
+
+
+class GroupLogSum(_ShapedPenalty):
+    r"""Group log-sum penalty, non-convex: ``Ω(x) = λ Σ_g w_g log(1 + ‖x_g‖₂/ε)``, ``ε > 0``.
+
+    Its slope ``λw_g/(‖x_g‖₂ + ε)`` is the weight of the adaptive (iteratively reweighted) group
+    lasso with reference norms ``‖x_g‖₂`` (Candès, Wakin and Boyd 2008). Near 0 it is the slope of
+    ``GroupLasso(λ/ε)``, so small groups are zeroed as by that group lasso, but a group of norm
+    ``r`` is shrunk by about ``eta·λw_g/(r + ε)``, ``ε/(r + ε)`` times the group lasso's
+    ``eta·λw_g/ε``. (λ here has the units of the loss, not of loss per norm.) Here the weights are not
+    frozen at a reference point: the prox below is the exact prox of the log-sum penalty itself,
+    the reweighting done in closed form at every step, from the very norms being thresholded.
+    (For frozen reference norms the prox would be group soft-thresholding with the weights
+    ``w_g/(‖x_g‖_ref + ε)``.)
+
+    Prox, with ``τ = eta·λ·w_g`` and ``r = ‖x_g‖₂``: the stationary points ``ρ > 0`` of
+    ``½(ρ − r)² + τ·log(1 + ρ/ε)`` solve ``ρ² − (r − ε)ρ + τ − rε = 0``; the larger root
+
+    .. code-block:: text
+
+        ρ₊ = ((r − ε) + sqrt((r + ε)² − 4τ)) / 2
+
+    is the local minimum. ``x_g ← (ρ₊/r)·x_g`` if the root is real, ``ρ₊ > 0`` and
+    ``½(ρ₊ − r)² + τ·log(1 + ρ₊/ε) < ½r²`` (the value at 0), else ``x_g ← 0`` (a tie takes 0).
+    For ``τ ≤ ε²`` the problem is convex and this is ``ρ₊`` exactly when ``r > τ/ε``; for larger
+    ``τ`` the prox jumps from 0 to ``ρ₊``.
+
+    ``eps`` (in the units of the norms) is required: it sets where the shrinkage starts to fade.
+
+    Combined with other levels, the prox is applied at this level's place in the
+    finest-to-coarsest order to the values left by the finer levels; for a non-convex penalty
+    that composition is the exact prox of one level alone, not of the sum of the levels.
+    """
+
+    _shape = "eps"
+
+    def __init__(
+        self,
+        lam: float,
+        eps: float,
+        weight: WeightSpec = "sqrt_size",
+        *,
+        groups: Collection[str] | None = None,
+    ) -> None:
+        super().__init__(lam, eps, weight, groups=groups)
+
+    @property
+    def eps(self) -> float:
+        return self._eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self._eps = self._check(value)
+
+    def _check(self, value: object) -> float:
+        return _check_shape(
+            value,
+            self._name,
+            "eps",
+            0.0,
+            "a group norm: the shrinkage of a group fades once its norm is well above eps; "
+            "give about a tenth of a typical group norm",
+        )
+
+    def _norm_penalty(self, norms: Tensor, lam_w: Tensor) -> Tensor:
+        return _log_sum(norms, lam_w, self.eps)
+
+    def group_scale(self, sq_norms: Tensor, eta: Tensor, weights: Tensor) -> Tensor:
+        eps = self.eps
+        r = _norms64(sq_norms)
+        tau = threshold(eta, self.lam * weights.to(torch.float64))
+        disc = (r + eps).square() - 4.0 * tau
+        root = disc.clamp(min=0.0).sqrt()
+        # The larger root without cancellation: (r − ε + √D)/2 for r ≥ ε, else
+        # 2(rε − τ)/(ε − r + √D) (the product of the roots is τ − rε).
+        rho = torch.where(
+            r >= eps, 0.5 * ((r - eps) + root), 2.0 * (r * eps - tau) / ((eps - r) + root)
+        )
+        # f(ρ) − f(0) = ρ(ρ/2 − r) + τ·log(1 + ρ/ε), written without the r² that cancels.
+        gain = rho * (0.5 * rho - r) + torch.where(tau > 0, tau * torch.log1p(rho / eps), 0.0)
+        keep = (disc >= 0) & (rho > 0) & (gain < 0)
+        return torch.where(tau == 0, 1.0, torch.where(keep, _ratio(rho, r), 0.0))
