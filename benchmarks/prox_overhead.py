@@ -1,18 +1,21 @@
-"""How much does the hierarchical prox cost, relative to passes over memory and torch's own steps?
+"""What does a step of ProxSGD/ProxAdam cost against torch's own steps, at default settings?
 
-On torchvision resnet50 (25.6 M parameters, a 2-level hierarchy of 26,560 filter groups and 16
-residual branches), each iteration times, in turn:
+For each model, every iteration times in turn, on the same gradients:
 
-  (a) one in-place ``_foreach_mul_`` pass over all parameters (the memory floor),
-  (b) a ``torch.optim.SGD`` momentum step,      (c) a ``torch.optim.AdamW`` step,
-  (d) the 2-level prox alone,                   (e) a full ProxSGD and a full ProxAdam step,
-  (f) a full ProxSGD step with ``compiled=True`` (the SGD update as one compiled pass),
-  (g) a full ProxSGD step with ``nonfinite="ignore"`` (no look for NaN/inf before the step),
+  pass       one in-place ``_foreach_mul_`` over all parameters (the memory floor),
+  SGD        ``torch.optim.SGD`` with momentum, torch's default (foreach) and ``fused=True``,
+  ProxSGD    at its defaults (momentum; fused update, the look for NaN and infinite values),
+             with ``nonfinite="ignore"``, and followed by ``SparsityTarget.step()`` mid-ramp,
+  AdamW      ``torch.optim.AdamW`` (foreach and fused) and ``ProxAdam`` at its defaults,
+  prox       the hierarchical prox alone,
 
-and reports medians over the iterations of the per-iteration ratios d/a, e_sgd/b, e_adam/c, f/b,
-g/b and of the overheads (e − b)/a, (f − b)/a, (e − g)/a (the look for non-finite values). Writes ``benchmarks/results/prox_overhead.md``.
+and reports medians over the iterations of the per-iteration ratios to torch's default step, and
+the overheads in passes. Models: torchvision resnet50 (2-level hierarchy: filters and residual
+branches), torchvision efficientnet_b0 with the ``auto`` hierarchy (many small tensors), and a
+Llama-style decoder from a transformers config (heads, MLP neurons, sublayers; an MLP neuron's
+atoms include a column of the down projection). Writes ``benchmarks/results/prox_overhead.md``.
 
-    python benchmarks/prox_overhead.py [--iters 60]
+    python benchmarks/prox_overhead.py [--iters 40] [--models resnet50,efficientnet_b0,decoder]
 """
 
 from __future__ import annotations
@@ -20,146 +23,199 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from _common import RESULTS as RESULTS_DIR
 from _common import machine
-from torchvision.models import resnet50
+from torch import nn
 from tqdm.auto import tqdm
 
 import group_prox as gp
-from group_prox.kernels import hierarchical_prox_
 
 RESULTS = RESULTS_DIR / "prox_overhead.md"
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def _resnet50() -> tuple[nn.Module, Callable[[nn.Module], gp.Hierarchy], str]:
+    from torchvision.models import resnet50
+
+    return resnet50(), gp.hierarchy.resnet, "filters + residual branches"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--iters", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    args = parser.parse_args(argv)
+def _efficientnet_b0() -> tuple[nn.Module, Callable[[nn.Module], gp.Hierarchy], str]:
+    from torchvision.models import efficientnet_b0
 
+    x = torch.randn(1, 3, 64, 64)
+    return efficientnet_b0(), lambda m: gp.hierarchy.auto(m, x), "auto (Torch-Pruning trace)"
+
+
+def _decoder() -> tuple[nn.Module, Callable[[nn.Module], gp.Hierarchy], str]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=4,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=8000,
+    )
+    return (
+        LlamaForCausalLM(config),
+        gp.hierarchy.transformer,
+        "heads, kv heads, MLP neurons, sublayers",
+    )
+
+
+MODELS = {"resnet50": _resnet50, "efficientnet_b0": _efficientnet_b0, "decoder": _decoder}
+
+
+def _copies(build, n: int) -> tuple[list[nn.Module], Callable[[nn.Module], gp.Hierarchy], str]:
     torch.manual_seed(0)
-    models = {
-        k: resnet50()
-        for k in ("sgd", "adamw", "prox_sgd", "prox_adam", "floor", "compiled", "unchecked")
-    }
-    for m in models.values():
-        m.load_state_dict(models["sgd"].state_dict())
-        for p in m.parameters():
-            p.grad = torch.randn_like(p) * 1e-3
-    pens = lambda: {"base_level": gp.GroupLasso(1e-6), "layer": gp.GroupLasso(1e-7)}  # noqa: E731
-    h_sgd = gp.hierarchy.resnet(models["prox_sgd"])
-    h_adam = gp.hierarchy.resnet(models["prox_adam"])
-    sgd = torch.optim.SGD(models["sgd"].parameters(), lr=0.01, momentum=0.9)
-    adamw = torch.optim.AdamW(models["adamw"].parameters(), lr=1e-3)
-    prox_sgd = gp.ProxSGD(
-        models["prox_sgd"].parameters(), lr=0.01, momentum=0.9, hierarchy=h_sgd, penalties=pens()
-    )
-    prox_adam = gp.ProxAdam(
-        models["prox_adam"].parameters(), lr=1e-3, hierarchy=h_adam, penalties=pens()
-    )
-    compiled = gp.ProxSGD(
-        models["compiled"].parameters(),
-        lr=0.01,
-        momentum=0.9,
-        compiled=True,
-        hierarchy=gp.hierarchy.resnet(models["compiled"]),
-        penalties=pens(),
-    )
-    unchecked = gp.ProxSGD(
-        models["unchecked"].parameters(),
-        lr=0.01,
-        momentum=0.9,
-        nonfinite="ignore",
-        hierarchy=gp.hierarchy.resnet(models["unchecked"]),
-        penalties=pens(),
-    )
-    start = time.perf_counter()
-    compiled.step()  # eager: creates the momentum buffers
-    compiled.step()  # compiles
-    compile_seconds = time.perf_counter() - start
-    floor_params = [p.detach() for p in models["floor"].parameters()]
-    plan = prox_sgd.prox.plan
-    eta = prox_sgd.prox_step_sizes()
+    first, hierarchy, what = build()
+    models = [first]
+    for _ in range(n - 1):
+        m, _, _ = build()
+        m.load_state_dict(first.state_dict())
+        models.append(m)
+    torch.manual_seed(1)
+    grads = [torch.randn_like(p) * 1e-3 for p in first.parameters()]
+    for m in models:
+        for p, g in zip(m.parameters(), grads):
+            p.grad = g.clone()
+    return models, hierarchy, what
 
-    cases = {
-        "a: foreach_mul_ pass": lambda: torch._foreach_mul_(floor_params, 1.0 - 1e-7),
-        "b: torch SGD (momentum)": sgd.step,
-        "c: torch AdamW": adamw.step,
-        "d: 2-level prox alone": lambda: hierarchical_prox_(plan, eta),
-        "e: ProxSGD step": prox_sgd.step,
-        "e: ProxAdam step": prox_adam.step,
-        "f: ProxSGD step, compiled=True": compiled.step,
-        "g: ProxSGD step, nonfinite='ignore'": unchecked.step,
+
+def measure(name: str, iters: int, warmup: int) -> tuple[list[str], dict[str, float]]:
+    models, build_h, what = _copies(MODELS[name], 10)
+    (m_floor, m_sgd, m_sgdf, m_prox, m_ign, m_tgt, m_adamw, m_adamwf, m_padam, m_alone) = models
+    h = build_h(m_prox)
+
+    def pens(h: gp.Hierarchy, lam: float = 1e-6) -> dict[str, gp.Penalty]:
+        return {
+            lv: gp.GroupLasso(lam if i == 0 else lam / 10) for i, lv in enumerate(h.level_names)
+        }
+
+    def prox_sgd(m: nn.Module, **kw) -> gp.ProxSGD:
+        hm = build_h(m)
+        return gp.ProxSGD(
+            m.parameters(), lr=0.01, momentum=0.9, hierarchy=hm, penalties=pens(hm), **kw
+        )
+
+    sgd = torch.optim.SGD(m_sgd.parameters(), lr=0.01, momentum=0.9)
+    sgdf = torch.optim.SGD(m_sgdf.parameters(), lr=0.01, momentum=0.9, fused=True)
+    psgd = prox_sgd(m_prox)
+    ign = prox_sgd(m_ign, nonfinite="ignore")
+    tgt_opt = prox_sgd(m_tgt)
+    # Mid-ramp: λ is steered at every step, and the ramp outlasts the run.
+    target = gp.SparsityTarget(
+        tgt_opt, dict.fromkeys(tgt_opt.penalties, 0.5), reach_step=100_000, warmup_steps=0
+    )
+    adamw = torch.optim.AdamW(m_adamw.parameters(), lr=1e-3)
+    adamwf = torch.optim.AdamW(m_adamwf.parameters(), lr=1e-3, fused=True)
+    h_adam = build_h(m_padam)
+    padam = gp.ProxAdam(m_padam.parameters(), lr=1e-3, hierarchy=h_adam, penalties=pens(h_adam))
+    alone = gp.HierarchicalProx(build_h(m_alone), pens(h))
+    floor = list(m_floor.parameters())
+
+    def with_target() -> None:
+        tgt_opt.step()
+        target.step()
+
+    cases: dict[str, Callable[[], object]] = {
+        "pass": lambda: torch._foreach_mul_([p.detach() for p in floor], 1.0),
+        "SGD (foreach)": sgd.step,
+        "SGD (fused)": sgdf.step,
+        "ProxSGD": psgd.step,
+        "ProxSGD, nonfinite='ignore'": ign.step,
+        "ProxSGD + SparsityTarget.step()": with_target,
+        "AdamW (foreach)": adamw.step,
+        "AdamW (fused)": adamwf.step,
+        "ProxAdam": padam.step,
+        "prox alone": lambda: alone.apply_(0.01),
     }
     times: dict[str, list[float]] = {k: [] for k in cases}
-    for it in tqdm(range(args.warmup + args.iters), desc="resnet50 steps", unit="iter"):
-        for name, fn in cases.items():
-            t = _timed(fn)
-            if it >= args.warmup:
-                times[name].append(t)
+    for it in tqdm(range(warmup + iters), desc=name, unit="iter"):
+        for key, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            if it >= warmup:
+                times[key].append(time.perf_counter() - start)
 
-    def med(xs):
-        return statistics.median(xs)
+    def ratio(a: str, b: str) -> float:
+        return statistics.median([x / y for x, y in zip(times[a], times[b])])
 
-    a, b, c, d = (times[k] for k in list(cases)[:4])
-    e_sgd, e_adam = times["e: ProxSGD step"], times["e: ProxAdam step"]
-    f_sgd = times["f: ProxSGD step, compiled=True"]
-    g_sgd = times["g: ProxSGD step, nonfinite='ignore'"]
+    def passes(a: str, b: str) -> float:
+        return statistics.median(
+            [(x - y) / z for x, y, z in zip(times[a], times[b], times["pass"])]
+        )
+
     ratios = {
-        "d/a (prox ÷ one pass)": med([x / y for x, y in zip(d, a)]),
-        "e_sgd/b (ProxSGD ÷ SGD)": med([x / y for x, y in zip(e_sgd, b)]),
-        "e_adam/c (ProxAdam ÷ AdamW)": med([x / y for x, y in zip(e_adam, c)]),
-        "(e_sgd − b)/a (ProxSGD overhead in passes)": med(
-            [(x - y) / z for x, y, z in zip(e_sgd, b, a)]
+        "ProxSGD ÷ SGD (foreach)": ratio("ProxSGD", "SGD (foreach)"),
+        "ProxSGD ÷ SGD (fused)": ratio("ProxSGD", "SGD (fused)"),
+        "(ProxSGD + SparsityTarget) ÷ SGD (foreach)": ratio(
+            "ProxSGD + SparsityTarget.step()", "SGD (foreach)"
         ),
-        "(e_adam − c)/a (ProxAdam overhead in passes)": med(
-            [(x - y) / z for x, y, z in zip(e_adam, c, a)]
-        ),
-        "f/b (compiled ProxSGD ÷ SGD)": med([x / y for x, y in zip(f_sgd, b)]),
-        "(f − b)/a (compiled ProxSGD overhead in passes)": med(
-            [(x - y) / z for x, y, z in zip(f_sgd, b, a)]
-        ),
-        "g/b (ProxSGD without the non-finite look ÷ SGD)": med([x / y for x, y in zip(g_sgd, b)]),
-        "(e_sgd − g)/a (the non-finite look, in passes)": med(
-            [(x - y) / z for x, y, z in zip(e_sgd, g_sgd, a)]
-        ),
+        "ProxAdam ÷ AdamW (foreach)": ratio("ProxAdam", "AdamW (foreach)"),
+        "ProxAdam ÷ AdamW (fused)": ratio("ProxAdam", "AdamW (fused)"),
+        "prox alone, in passes": ratio("prox alone", "pass"),
+        "the non-finite look, in passes": passes("ProxSGD", "ProxSGD, nonfinite='ignore'"),
     }
-    n_params = sum(p.numel() for p in floor_params)
+    n_params = sum(p.numel() for p in floor)
+    groups = ", ".join(f"{h.num_groups(lv):,} {lv}" for lv in h.level_names)
     lines = [
-        "# Prox overhead on resnet50",
+        f"## {name}",
         "",
-        f"Machine: {machine()}.",
-        f"Model: torchvision resnet50, {n_params / 1e6:.1f} M parameters; hierarchy "
-        f"{h_sgd.num_groups('base_level')} filter groups + {h_sgd.num_groups('layer')} residual branches. "
-        f"{args.iters} timed iterations after {args.warmup} warm-up ones, cases interleaved in each iteration.",
+        f"{n_params / 1e6:.1f} M parameters in {len(floor)} tensors; hierarchy {what}: {groups}.",
         "",
-        "| case | median time (ms) |",
-        "| --- | ---: |",
-        *[f"| {k} | {1e3 * med(v):.2f} |" for k, v in times.items()],
+        "| case | median (ms) | ÷ SGD (foreach) |",
+        "| --- | ---: | ---: |",
+        *[
+            f"| {k} | {1e3 * statistics.median(v):.2f} | {ratio(k, 'SGD (foreach)'):.2f} |"
+            for k, v in times.items()
+        ],
         "",
         "| ratio (median of per-iteration ratios) | value |",
         "| --- | ---: |",
         *[f"| {k} | {v:.2f} |" for k, v in ratios.items()],
         "",
-        f"`compiled=True` compiled once in {compile_seconds:.0f} s (not in the timings). The prox "
-        "reads every tensor once for its atom norms and reads and writes it once to scale it. "
-        "Fusing the norms into a compiled update was tried and is slower on this CPU: inductor "
-        "puts the reduction in its own loop, which re-reads the inputs and recomputes the update. "
-        "`compiled=True` instead fuses torch's several SGD passes into one, which pays for part "
-        "of the prox. By default a step first looks for NaN and infinite values in every gradient "
-        "and parameter (one read of each) so that a bad step changes "
-        "nothing; `nonfinite='ignore'` saves that read.",
+    ]
+    return lines, ratios
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lines = [
+        "# What a step costs",
         "",
-        "Produced by `python benchmarks/prox_overhead.py`.",
+        f"Machine: {machine()}. {args.iters} timed iterations after {args.warmup} warm-up ones, "
+        "the cases interleaved in each iteration, on the same gradients; medians of the "
+        "per-iteration ratios. A *pass* is one in-place multiplication of every parameter.",
+        "",
+    ]
+    for name in args.models.split(","):
+        section, _ = measure(name, args.iters, args.warmup)
+        lines += section
+    lines += [
+        "ProxSGD and ProxAdam use torch's fused update by default where it applies (one pass over "
+        "each tensor where foreach makes several). Then the default step reads every gradient "
+        "once for NaN and infinite values, so that a bad step changes nothing (the parameters "
+        "that the last prox found finite and nothing wrote since are not read again), and the "
+        "prox reads every tensor once for its atom norms and reads and writes it once to scale "
+        "it. `nonfinite='ignore'` saves the look. A SparsityTarget takes its group norms from "
+        "what the prox last read, so its step reads no parameter.",
+        "",
+        f"Produced by `python benchmarks/prox_overhead.py{' --threads ' + str(args.threads) if args.threads else ''}`.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

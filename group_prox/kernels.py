@@ -3,8 +3,8 @@
 One proximal step on the parameters of a :class:`~group_prox.Hierarchy`:
 
 1. elementwise soft-thresholding by the L1 parts of all penalties (one pass, only if any is active);
-2. one read of every tensor for its *atom* squared norms (``vector_norm`` over all dims but the
-   ones its members select along);
+2. one read of every tensor for its *atom* squared norms (see :class:`AtomNormReader`: a
+   reduction over all dims but the ones its members select along, decided once per tensor);
 3. on the tiny vector of atom norms, level by level from the finest to the coarsest, the group
    norms are the segment sums of ``atom_norm² · scale²`` (the current values, without re-reading the
    tensors), the penalty turns them into group scales, and the atom scales are multiplied by them;
