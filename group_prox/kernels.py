@@ -23,6 +23,8 @@ identically on every rank, and steps 1 and 4 act on each rank's own shard (see
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,7 +55,9 @@ __all__ = [
 class _LevelPlan:
     name: str
     num_groups: int
-    atom_group: Tensor  # long[num_atoms], num_groups where an atom is in no group of this level
+    # int32 (int64 past 2³¹ atoms) [num_atoms], num_groups where an atom is in no group of this
+    # level: an index of index_select/index_add_, which take int32 (half the bytes of a 7B plan).
+    atom_group: Tensor
     in_level: Tensor  # bool[num_atoms]
     group_component: Tensor  # long[num_groups]
     weights: Tensor  # float64[num_groups], the penalty's w_g (times any group multiplier)
@@ -87,6 +91,7 @@ class ProxPlan:
         param_group_of = np.asarray(param_group_of, dtype=np.int64)
         atom_pg = np.repeat(param_group_of, [lay.num_atoms for lay in self.tensors])
 
+        num_groups_of = [hierarchy.num_groups(level) for level, _ in self.penalties] + [0]
         # A penalty restricted to some groups of its level sees the other atoms as outside it.
         owners = {level: _penalised_owner(hierarchy, level, pen) for level, pen in self.penalties}
 
@@ -120,6 +125,7 @@ class ProxPlan:
             self._first_linked_atom.setdefault(frozenset((pg_a, pg_b)), int(mismatch[k]))
         self.linked_param_groups: list[frozenset[int]] = sorted(self._first_linked_atom, key=sorted)
 
+        index = np.int32 if n + sum(num_groups_of) < np.iinfo(np.int32).max else np.int64
         self.levels: list[_LevelPlan] = []
         for level, penalty in self.penalties:
             owner = owners[level]
@@ -132,23 +138,41 @@ class ProxPlan:
             lp = _LevelPlan(
                 name=level,
                 num_groups=g,
-                atom_group=torch.from_numpy(np.where(owner >= 0, owner, g)),
+                atom_group=torch.from_numpy(np.where(owner >= 0, owner, g).astype(index)),
                 in_level=torch.from_numpy(owner >= 0),
                 group_component=torch.from_numpy(group_comp),
                 weights=torch.tensor(penalty.weights(sizes), dtype=torch.float64),
                 covered=torch.from_numpy(covered),
             )
             self.levels.append(lp)
-        self.atom_component = torch.from_numpy(component)
+        self.atom_component = torch.from_numpy(component.astype(index))
         self.component_param_group = torch.from_numpy(comp_pg)
-        self.acc_dtype = (
-            torch.float64
-            if any(lay.param.dtype == torch.float64 for lay in self.tensors)
-            else torch.float32
-        )
+        self.acc_dtype = _acc_dtype(self.tensors)
         self._base_weights = [lv.weights.clone() for lv in self.levels]
         self.sharding: Sharding | None = sharding_of(self.tensors)
         self._device_cache: dict[torch.device, ProxPlan._OnDevice] = {}
+
+    def bind(self, hierarchy: Hierarchy) -> ProxPlan:
+        """The same plan over the tensors of ``hierarchy``, a :meth:`Hierarchy.bind
+        <group_prox.Hierarchy.bind>` of this plan's hierarchy (same layout, other tensors): the
+        index tensors are shared, not built again; the per-device buffers and the sharding are
+        made for the new tensors."""
+        if hierarchy._atom_group is not self.hierarchy._atom_group or len(hierarchy.tensors) != len(
+            self.tensors
+        ):
+            raise ValueError(
+                "ProxPlan.bind: the hierarchy is not a bind() of the plan's hierarchy; build a new "
+                "plan for it."
+            )
+        out = copy.copy(self)
+        out.hierarchy = hierarchy
+        out.tensors = hierarchy.tensors
+        out.levels = [dataclasses.replace(lp) for lp in self.levels]
+        out._base_weights = list(self._base_weights)
+        out.acc_dtype = _acc_dtype(out.tensors)
+        out.sharding = sharding_of(out.tensors)
+        out._device_cache = {}
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
         """The plan without its per-device buffers (:meth:`on` makes them again when next asked),
@@ -236,7 +260,7 @@ class ProxPlan:
         out = []
         for i, lp in enumerate(self.levels):
             sq = torch.zeros(lp.num_groups + 1, dtype=atom_sq.dtype, device=atom_sq.device)
-            sq.scatter_add_(0, dev.atom_group[i], atom_sq)
+            sq.index_add_(0, dev.atom_group[i], atom_sq)
             out.append(sq[:-1])
         return out
 
@@ -247,6 +271,13 @@ class ProxPlan:
             if lay.offset <= atom < lay.offset + lay.num_atoms:
                 return lay.name
         return "?"  # pragma: no cover
+
+
+def _acc_dtype(tensors: Sequence[TensorLayout]) -> torch.dtype:
+    """float64 if some tensor is, else float32: the precision of norms and scales."""
+    return (
+        torch.float64 if any(lay.param.dtype == torch.float64 for lay in tensors) else torch.float32
+    )
 
 
 def _penalised_owner(hierarchy: Hierarchy, level: str, penalty: Penalty) -> np.ndarray:
@@ -456,7 +487,7 @@ def hierarchical_prox_(
         owner = dev.atom_group[i]
         sq = torch.zeros(lp.num_groups + 1, dtype=acc, device=device)
         # Current atom norms are the read ones times the scales so far (all 1 at the first level).
-        sq.scatter_add_(0, owner, atom_sq if k == 0 else atom_sq * scale.square())
+        sq.index_add_(0, owner, atom_sq if k == 0 else atom_sq * scale.square())
         eta_group = eta.index_select(0, dev.group_component[i])
         # Thresholds are formed in float64 (see penalties.threshold); the scales are rounded once.
         group_scale = pen.group_scale(sq[:-1], eta_group, dev.weights[i]).to(acc)

@@ -25,12 +25,13 @@ in-place write through the tensor itself increments; writes through ``.data`` ar
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .hierarchy.core import Hierarchy
 from .kernels import NonFiniteAtoms, ProxPlan, group_sq_norms, hierarchical_prox_, scale_atoms_
@@ -64,11 +65,19 @@ class HierarchicalProx:
             ``[g["params"] for g in optimizer.param_groups]``; every tensor of the hierarchy must
             be in one. Default: one group holding the hierarchy's parameters.
         owner: the name used in error messages (the optimizer's class name).
+        allow_meta: accept parameters on the ``meta`` device, to build the plan of a large model
+            before its weights exist; such a prox cannot be applied (it raises a ``ValueError``)
+            until :meth:`bind` gives it the materialised parameters. Optimizers never pass it:
+            one over ``meta`` parameters is refused.
 
     Raises:
         TypeError, ValueError: for penalties or a hierarchy that do not fit (each message names
             the level, group or parameter and what to change), before anything is built.
     """
+
+    #: The name of a parameter on the meta device (the prox refuses to apply), else None; also
+    #: for a prox pickled before it had the attribute.
+    _meta: str | None = None
 
     def __init__(
         self,
@@ -77,6 +86,7 @@ class HierarchicalProx:
         param_groups: Sequence[Sequence[Tensor]] | None = None,
         *,
         owner: str = "HierarchicalProx",
+        allow_meta: bool = False,
     ) -> None:
         self.owner = owner
         penalties = {} if penalties is None else penalties
@@ -95,7 +105,9 @@ class HierarchicalProx:
         if param_groups is None:
             param_groups = [hierarchy.params]
         group_of = {id(p): i for i, group in enumerate(param_groups) for p in group}
-        _check_parameters(owner, hierarchy, [p for group in param_groups for p in group])
+        _check_parameters(
+            owner, hierarchy, [p for group in param_groups for p in group], allow_meta=allow_meta
+        )
         self.hierarchy = hierarchy
         self._penalties: Mapping[str, Penalty] = MappingProxyType(dict(penalties))
         self.plan = ProxPlan(
@@ -107,7 +119,36 @@ class HierarchicalProx:
         self._frozen_mask: Tensor | None = None
         # The plan cuts each tensor by its shape now; a tensor resized later would fail mid-step.
         self._shapes = tuple(tuple(lay.param.shape) for lay in hierarchy.tensors)
+        self._meta = next((lay.name for lay in hierarchy.tensors if lay.param.is_meta), None)
         self._forget()
+
+    def bind(self, params: nn.Module | Mapping[str, Tensor]) -> HierarchicalProx:
+        """This prox over the parameters of the same names and shapes in ``params``: typically
+        built with ``allow_meta=True`` on a model on the ``meta`` device, bound to the
+        materialised model.
+
+        The hierarchy is bound with :meth:`Hierarchy.bind <group_prox.Hierarchy.bind>` and the
+        plan's index tensors are shared (nothing is built again); each tensor keeps its param
+        group, the penalties are the same objects, and the frozen pattern is carried over. This
+        prox is not modified.
+
+        Raises:
+            TypeError, ValueError: as :meth:`Hierarchy.bind <group_prox.Hierarchy.bind>` (a
+                missing name, another shape, a tensor on the ``meta`` device; the message names
+                the parameter), or if the bound parameters lie on several devices; before
+                anything is built.
+        """
+        hierarchy = self.hierarchy.bind(params)
+        _check_one_device(self.owner, hierarchy)
+        out = copy.copy(self)
+        out.hierarchy = hierarchy
+        out.plan = self.plan.bind(hierarchy)
+        out._meta = None
+        device = hierarchy.tensors[0].param.device if hierarchy.tensors else None
+        mask = self._frozen_mask
+        out._frozen_mask = None if mask is None or device is None else mask.to(device)
+        out._forget()
+        return out
 
     # ------------------------------------------------------------------------ what it holds
     @property
@@ -143,8 +184,10 @@ class HierarchicalProx:
 
     # ------------------------------------------------------------------------------ checks
     def check(self) -> None:
-        """Refuse, before any tensor is changed, a parameter resized since the plan was built and
-        a penalty whose fields were set past their checks."""
+        """Refuse, before any tensor is changed, a parameter resized since the plan was built,
+        a penalty whose fields were set past their checks, and a prox still on the ``meta``
+        device (see :meth:`bind`)."""
+        self._refuse_meta()
         for level, pen in self._penalties.items():
             try:
                 pen._validate()
@@ -201,6 +244,7 @@ class HierarchicalProx:
 
         Nothing is read or written when every λ is 0 and the pattern is not frozen.
         """
+        self._refuse_meta()
         plan = self.plan
         if self._frozen_mask is not None:
             self._forget()
@@ -219,6 +263,14 @@ class HierarchicalProx:
         self._norms = (atom_sq, versions)
         if check_finite:
             self._finite_versions = versions
+
+    def _refuse_meta(self) -> None:
+        if self._meta is not None:
+            raise ValueError(
+                f"{self.owner}: parameter {self._meta!r} is on the meta device, so the prox cannot "
+                "read it: materialise the model (model.to_empty(device=...), then initialise or "
+                "load its weights) and use prox.bind(model). Nothing was changed."
+            )
 
     # ------------------------------------------------------------------- what it last read
     def _forget(self) -> None:
@@ -393,7 +445,9 @@ def _check_penalties(owner: str, hierarchy: Hierarchy, penalties: Mapping[str, P
             ) from e
 
 
-def _check_parameters(owner: str, hierarchy: Hierarchy, own: Sequence[Tensor]) -> None:
+def _check_parameters(
+    owner: str, hierarchy: Hierarchy, own: Sequence[Tensor], *, allow_meta: bool = False
+) -> None:
     frozen = hierarchy.names_outside(own, requires_grad=False)
     if frozen:
         raise ValueError(
@@ -410,12 +464,17 @@ def _check_parameters(owner: str, hierarchy: Hierarchy, own: Sequence[Tensor]) -
             f"parameters: {missing}. Pass the same model's parameters."
         )
     meta = next((lay for lay in hierarchy.tensors if lay.param.is_meta), None)
-    if meta is not None:
+    if meta is not None and not allow_meta:
         raise ValueError(
             f"{owner}: parameter {meta.name!r} is on the meta device, so the prox cannot read it: "
             "materialise the model first (model.to_empty(device=...), then initialise or load its "
-            "weights) and build the hierarchy and the optimizer from it."
+            "weights) and build the optimizer from it (a hierarchy built on the meta device: "
+            "hierarchy.bind(model))."
         )
+    _check_one_device(owner, hierarchy)
+
+
+def _check_one_device(owner: str, hierarchy: Hierarchy) -> None:
     devices = {lay.param.device for lay in hierarchy.tensors}
     if len(devices) > 1:
         raise ValueError(

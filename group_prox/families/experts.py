@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from ..compression.plan import Op, ReplaceOp, SliceOp, indices, integer, register_replacement
 from ..compression.surgery import check_keep, kept_indices, set_tensor
-from ..hierarchy.core import Member, hidden_unit
+from ..hierarchy.core import GroupTable, Member, hidden_unit
 from .registry import Family, register_family
 
 __all__ = ["EXPERTS", "ZeroExpert", "applies", "expert_groups", "levels", "plan"]
@@ -175,7 +175,7 @@ def _fused_expert_groups(
     return units, blocks
 
 
-def levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
+def levels(model: nn.Module) -> dict[str, GroupTable]:
     """The levels of :func:`group_prox.hierarchy.moe` in the shared names of
     :mod:`group_prox.families.registry`
     (``base_level``: expert hidden units, ``expert``: whole experts), frozen parameters
@@ -184,9 +184,7 @@ def levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
     return {"base_level": units, "expert": experts}
 
 
-def expert_groups(
-    model: nn.Module, down: str | None
-) -> tuple[dict[str, list[Member]], dict[str, list[Member]]]:
+def expert_groups(model: nn.Module, down: str | None) -> tuple[GroupTable, GroupTable]:
     """``(hidden units, whole experts)``: the groups of :func:`group_prox.hierarchy.moe` (``down``
     as there), frozen parameters included."""
     layers = [
@@ -200,8 +198,8 @@ def expert_groups(
             "MLPs, or a module of fused [experts, ...] weights); build the hierarchy with "
             "group_prox.Hierarchy(...) instead."
         )
-    units: dict[str, list[Member]] = {}
-    blocks: dict[str, list[Member]] = {}
+    units: list[Mapping[str, list[Member]]] = []
+    blocks: list[Mapping[str, list[Member]]] = []
     from . import hf_moe  # registered after this family, so imported here
 
     for name, experts in layers:
@@ -209,14 +207,14 @@ def expert_groups(
         if hf_moe.is_hf_experts(experts):
             # transformers' layout ([experts, out, in], gate and up rows in one tensor)
             u, b = hf_moe.expert_groups(prefix, experts)
-            units.update(u)
-            blocks.update(b)
-            continue
-        build = _list_expert_groups if isinstance(experts, nn.ModuleList) else _fused_expert_groups
-        u, b = build(prefix, experts, down)
-        units.update(u)
-        blocks.update(b)
-    return units, blocks
+        else:
+            build = (
+                _list_expert_groups if isinstance(experts, nn.ModuleList) else _fused_expert_groups
+            )
+            u, b = build(prefix, experts, down)
+        units.append(u)
+        blocks.append(b)
+    return GroupTable.concat(units), GroupTable.concat(blocks)
 
 
 # --------------------------------------------------------------------------------------------

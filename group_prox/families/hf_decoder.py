@@ -63,13 +63,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..compression.plan import Op, ReplaceOp, SliceOp, indices, register_replacement
 from ..compression.surgery import keep_inputs, keep_outputs, kept_indices
-from ..hierarchy.core import Member
+from ..hierarchy.core import GroupTable, Member, Part
 from .registry import Family, register_family
 
 __all__ = [
@@ -504,7 +505,69 @@ def _query_members(attn: nn.Module, lay: _Layout, h: int) -> list[Member]:
     ]
 
 
-def levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
+def _row_parts(linear: nn.Linear, starts: np.ndarray, size: int) -> list[Part]:
+    """Rows ``starts[g] : starts[g] + size`` of ``linear``'s weight and bias, for every group."""
+    parts = [Part(linear.weight, (0,), starts, (size,))]
+    if linear.bias is not None:
+        parts.append(Part(linear.bias, (0,), starts, (size,)))
+    return parts
+
+
+def _head_parts(attn: nn.Module, lay: _Layout, part: str, heads: np.ndarray) -> list[Part]:
+    """The rows of query (``part="q"``), key or value heads ``heads``, one group per entry."""
+    linear, first = _head_rows(attn, lay, part, 0)
+    return _row_parts(linear, first.start + heads * lay.head_dim, lay.head_dim)
+
+
+def _query_parts(attn: nn.Module, lay: _Layout, heads: np.ndarray) -> list[Part]:
+    return [
+        *_head_parts(attn, lay, "q", heads),
+        Part(attn.o_proj.weight, (1,), heads * lay.head_dim, (lay.head_dim,)),
+    ]
+
+
+def _attention_tables(a: str, attn: nn.Module, lay: _Layout) -> tuple[GroupTable, GroupTable]:
+    """The query-head groups and the kv-head groups of one attention (see :func:`levels`)."""
+    q = np.arange(lay.q_heads, dtype=np.int64)
+    heads = GroupTable([f"{a}.head[{h}]" for h in range(lay.q_heads)], _query_parts(attn, lay, q))
+    kv_names = [f"{a}.kv_head[{j}]" for j in range(lay.kv_heads)]
+    kv_of_q = np.asarray(lay.kv_of_q, dtype=np.int64)
+    readers = np.bincount(kv_of_q, minlength=lay.kv_heads)
+    if (readers == readers[0]).all():
+        # Query head i of kv head j (in increasing order): column i of ``reads``.
+        reads = np.argsort(kv_of_q, kind="stable").reshape(lay.kv_heads, -1)
+        j = np.arange(lay.kv_heads, dtype=np.int64)
+        parts = [*_head_parts(attn, lay, "k", j), *_head_parts(attn, lay, "v", j)]
+        for i in range(reads.shape[1]):
+            parts += _query_parts(attn, lay, reads[:, i])
+        return heads, GroupTable(kv_names, parts)
+    # kv heads read by unequal numbers of query heads (a compressed attention): one by one.
+    kv: dict[str, list[Member]] = {}
+    for j, name in enumerate(kv_names):
+        members = [
+            *_linear_rows(*_head_rows(attn, lay, "k", j)),
+            *_linear_rows(*_head_rows(attn, lay, "v", j)),
+        ]
+        for h in range(lay.q_heads):
+            if lay.kv_of_q[h] == j:
+                members += _query_members(attn, lay, h)
+        kv[name] = members
+    return heads, GroupTable.concat([kv])
+
+
+def _neuron_table(m: str, mlp: nn.Module) -> GroupTable:
+    """The neuron groups of one dense MLP (see :func:`levels`)."""
+    down = mlp.down_proj
+    n = down.in_features
+    i = np.arange(n, dtype=np.int64)
+    parts = []
+    for linear, rows in _mlp_rows(mlp, 0)[0]:
+        parts += _row_parts(linear, rows.start + i, 1)
+    parts.append(Part(down.weight, (1,), i, (1,)))
+    return GroupTable([f"{m}[{k}]" for k in range(n)], parts)
+
+
+def levels(model: nn.Module) -> dict[str, GroupTable | dict[str, list[Member]]]:
     """Levels of the recognised decoder layers (frozen parameters included):
 
     * ``base_level``: query head ``h`` of each attention (its rows of ``q_proj`` and bias, or its
@@ -520,10 +583,12 @@ def levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
       ``pre_feedforward_layernorm`` and ``post_feedforward_layernorm``) ``"<layer>.mlp"``;
     * ``whole_layer``: the whole decoder layer, ``"<layer>"``, for layers with a dense MLP.
 
+    ``base_level`` and ``kv_head`` are :class:`~group_prox.hierarchy.GroupTable` objects (arrays of
+    rows per head and neuron: a 7B-parameter decoder's ~350,000 groups build in about a second).
     A sparse (MoE) MLP gets no groups here: its attention's groups still apply.
     """
-    base: dict[str, list[Member]] = {}
-    kv: dict[str, list[Member]] = {}
+    base: list[GroupTable] = []
+    kv: list[GroupTable] = []
     sub: dict[str, list[Member]] = {}
     whole: dict[str, list[Member]] = {}
     caller = "transformer()"
@@ -533,32 +598,26 @@ def levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
         if found is not None:
             attn, lay = found
             a = _join(name, "self_attn")
-            for h in range(lay.q_heads):
-                base[f"{a}.head[{h}]"] = _query_members(attn, lay, h)
-            for j in range(lay.kv_heads):
-                members = [
-                    *_linear_rows(*_head_rows(attn, lay, "k", j)),
-                    *_linear_rows(*_head_rows(attn, lay, "v", j)),
-                ]
-                for h in range(lay.q_heads):
-                    if lay.kv_of_q[h] == j:
-                        members += _query_members(attn, lay, h)
-                kv[f"{a}.kv_head[{j}]"] = members
+            heads, kv_heads = _attention_tables(a, attn, lay)
+            base.append(heads)
+            kv.append(kv_heads)
             sub[a] = [*attn.parameters(), *(p for n in attn_norms for p in n.parameters())]
         mlp = _dense_mlp(name, layer, caller)
         if mlp is not None:
             m = _join(name, "mlp")
-            down = mlp.down_proj
-            for i in range(down.in_features):
-                members = [r for lin, rows in _mlp_rows(mlp, i)[0] for r in _linear_rows(lin, rows)]
-                base[f"{m}[{i}]"] = [*members, (down.weight, 1, slice(i, i + 1))]
+            base.append(_neuron_table(m, mlp))
             sub[m] = [*mlp.parameters(), *(p for n in mlp_norms for p in n.parameters())]
         dense = mlp is not None or isinstance(getattr(layer, "mlp", None), HFZeroMLP)
         params = list(layer.parameters())
         if dense and params and name:
             whole[name] = params
-    out = {"base_level": base, "kv_head": kv, "layer": sub, "whole_layer": whole}
-    return {k: v for k, v in out.items() if v}
+    out = {
+        "base_level": GroupTable.concat(base),
+        "kv_head": GroupTable.concat(kv),
+        "layer": sub,
+        "whole_layer": whole,
+    }
+    return {k: v for k, v in out.items() if len(v)}
 
 
 # --------------------------------------------------------------------------------------------

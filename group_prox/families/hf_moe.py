@@ -61,12 +61,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..compression.plan import Op, ReplaceOp, SliceOp, indices, integer, register_replacement
 from ..compression.surgery import check_keep, kept_indices, set_tensor
-from ..hierarchy.core import Member, hidden_unit
+from ..hierarchy.core import GroupTable, Member, Part
 from .registry import Family, register_family
 
 __all__ = [
@@ -216,26 +217,51 @@ def _layout(name: str, module: nn.Module) -> ExpertsLayout:
 # Levels
 
 
-def expert_groups(
-    prefix: str, experts: nn.Module
-) -> tuple[dict[str, list[Member]], dict[str, list[Member]]]:
+def expert_groups(prefix: str, experts: nn.Module) -> tuple[GroupTable, GroupTable]:
     """``(hidden units, whole experts)`` of the fused experts module ``experts`` named
-    ``prefix``: ``"<prefix>.<e>[j]"`` and ``"<prefix>.<e>"`` (see the module docstring)."""
+    ``prefix``: ``"<prefix>.<e>[j]"`` and ``"<prefix>.<e>"`` (see the module docstring), as
+    :class:`~group_prox.hierarchy.GroupTable` objects (expert-major, one row of arrays per
+    group: 64 experts of 1,408 units build in milliseconds)."""
     lay = _layout(prefix, experts)
     w_up, w_down = getattr(experts, lay.up), experts.down_proj
     b_up = getattr(experts, lay.up_bias) if lay.up_bias else None
-    units: dict[str, list[Member]] = {}
-    for e in range(lay.num_experts):
-        for j in range(lay.hidden):
-            rows = lay.up_rows(j)
-            members: list[Member] = [(w_up, (0, lay.up_dim), (e, r)) for r in rows]
-            if b_up is not None:
-                members += [(b_up, (0, 1), (e, r)) for r in rows]
-            members.append((w_down, (0, lay.down_dim), (e, j)))
-            units[f"{prefix}.{e}[{j}]"] = members
+    num, hidden = lay.num_experts, lay.hidden
+    e = np.repeat(np.arange(num, dtype=np.int64), hidden)
+    j = np.tile(np.arange(hidden, dtype=np.int64), num)
+    # Row k of unit j along up_dim (gate first): the same rule for every j.
+    rows = np.asarray([lay.up_rows(k) for k in range(hidden)], dtype=np.int64)[j]
+    parts = [
+        Part(w_up, (0, lay.up_dim), np.stack([e, rows[:, k]], 1), (1, 1), ints=True)
+        for k in range(rows.shape[1])
+    ]
+    if b_up is not None:
+        parts += [
+            Part(b_up, (0, 1), np.stack([e, rows[:, k]], 1), (1, 1), ints=True)
+            for k in range(rows.shape[1])
+        ]
+    parts.append(Part(w_down, (0, lay.down_dim), np.stack([e, j], 1), (1, 1), ints=True))
+    units = GroupTable([f"{prefix}.{a}[{b}]" for a in range(num) for b in range(hidden)], parts)
     tensors = [getattr(experts, n) for n in lay.tensors()]
-    blocks = {f"{prefix}.{e}": [(t, 0, e) for t in tensors] for e in range(lay.num_experts)}
+    every = np.arange(num, dtype=np.int64)
+    blocks = GroupTable(
+        [f"{prefix}.{a}" for a in range(num)],
+        [Part(t, (0,), every, (1,), ints=True) for t in tensors],
+    )
     return units, blocks
+
+
+def neuron_table(where: str, ups: list[nn.Linear], down: nn.Linear) -> GroupTable:
+    """The hidden units of an MLP as :func:`~group_prox.hierarchy.core.hidden_unit` writes them
+    (row ``j`` of every ``ups`` weight and bias, column ``j`` of ``down``), ``"<where>[j]"``."""
+    n = down.in_features
+    j = np.arange(n, dtype=np.int64)
+    parts: list[Part] = []
+    for up in ups:
+        parts.append(Part(up.weight, (0,), j, (1,), ints=True))
+        if up.bias is not None:
+            parts.append(Part(up.bias, (0,), j, (1,), ints=True))
+    parts.append(Part(down.weight, (1,), j, (1,), ints=True))
+    return GroupTable([f"{where}[{k}]" for k in range(n)], parts)
 
 
 def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -303,24 +329,27 @@ def _norms(model: nn.Module, name: str) -> list[nn.Module]:
     return [m for m in (pre, post) if isinstance(m, nn.Module)]
 
 
-def levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
+def levels(model: nn.Module) -> dict[str, GroupTable | dict[str, list[Member]]]:
     """The levels of the MoE sublayers of ``model`` (module docstring), frozen params included."""
-    units: dict[str, list[Member]] = {}
-    experts: dict[str, list[Member]] = {}
+    units: list[GroupTable] = []
+    experts: list[GroupTable] = []
     layers: dict[str, list[Member]] = {}
     for name, block in _blocks(model):
         u, b = expert_groups(_join(name, "experts"), block.experts)
-        units.update(u)
-        experts.update(b)
+        units.append(u)
+        experts.append(b)
         for where, ups, down in _shared(name, block, "transformer()"):
-            for j in range(down.in_features):
-                units[f"{where}[{j}]"] = hidden_unit(ups, down, j)
+            units.append(neuron_table(where, ups, down))
         params = list(block.parameters())
         own = {id(p) for p in params}
         for norm in _norms(model, name):
             params += [p for p in norm.parameters() if id(p) not in own]
         layers[name or "experts_block"] = params
-    return {"base_level": units, "expert": experts, "layer": layers}
+    return {
+        "base_level": GroupTable.concat(units),
+        "expert": GroupTable.concat(experts),
+        "layer": layers,
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -99,28 +99,46 @@ def applicable(model: nn.Module, builder: str | None = None) -> list[Family]:
     ]
 
 
-def merged_levels(model: nn.Module, found: Sequence[Family], caller: str) -> dict[str, dict]:
+def merged_levels(
+    model: nn.Module, found: Sequence[Family], caller: str
+) -> dict[str, Mapping[str, Any]]:
     """The levels of every family in ``found`` merged by level name, in :data:`LEVEL_ORDER`
-    (names outside it after, in the order met). Two families naming the same group is refused."""
-    merged: dict[str, dict[str, Any]] = {}
+    (names outside it after, in the order met). Two families naming the same group is refused.
+    A level for which some family gives a :class:`~group_prox.hierarchy.GroupTable` is one table
+    (its pieces in family order), so that it still builds in array operations."""
+    from ..hierarchy.core import GroupTable  # the hierarchy package imports the families
+
+    pieces: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
     for family in found:
         if family.levels is None:
             continue
         for level, groups in family.levels(model).items():
-            into = merged.setdefault(level, {})
-            for name, members in groups.items():
-                if name in into:
-                    raise ValueError(
-                        f"{caller}: two model families ({family.name!r} and another) both name a "
-                        f"group {name!r} of level {level!r}; please report this model."
-                    )
-                into[name] = members
+            pieces.setdefault(level, []).append((family.name, groups))
+    merged: dict[str, Mapping[str, Any]] = {}
+    for level, parts in pieces.items():
+        # Group names are checked as one set, never group by group (tables hold ~10⁵ groups).
+        seen: dict[str, str] = {}
+        for family_name, groups in parts:
+            names = list(groups)
+            known = seen.keys() & set(names)
+            if known or len(set(names)) != len(names):
+                name = min(known) if known else next(n for n in names if names.count(n) > 1)
+                raise ValueError(
+                    f"{caller}: two model families ({family_name!r} and another) both name a "
+                    f"group {name!r} of level {level!r}; please report this model."
+                )
+            seen.update(dict.fromkeys(names, family_name))
+        tables = any(isinstance(g, GroupTable) for _, g in parts)
+        if tables:
+            merged[level] = GroupTable.concat(g for _, g in parts)
+        else:
+            merged[level] = {n: m for _, g in parts for n, m in g.items()}
     rank = {name: i for i, name in enumerate(LEVEL_ORDER)}
     order = sorted(merged, key=lambda lv: rank.get(lv, len(rank)))
-    return {level: merged[level] for level in order if merged[level]}
+    return {level: merged[level] for level in order if len(merged[level])}
 
 
-def levels_for(model: nn.Module, builder: str, caller: str) -> dict[str, dict]:
+def levels_for(model: nn.Module, builder: str, caller: str) -> dict[str, Mapping[str, Any]]:
     """The merged levels of the families of ``builder`` found in ``model``; a ``ValueError``
     naming the builder that applies instead when there are none."""
     levels = merged_levels(model, applicable(model, builder), caller)

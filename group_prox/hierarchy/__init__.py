@@ -6,15 +6,17 @@
 """
 
 from .auto import auto
-from .core import Hierarchy, Member, TensorLayout
+from .core import GroupTable, Hierarchy, Member, Part, TensorLayout
 from .moe import moe
 from .resnet import resnet
 from .tags import from_module_tags
 from .transformer import transformer
 
 __all__ = [
+    "GroupTable",
     "Hierarchy",
     "Member",
+    "Part",
     "TensorLayout",
     "auto",
     "from_module_tags",
