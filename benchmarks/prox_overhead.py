@@ -102,7 +102,7 @@ def measure(name: str, iters: int, warmup: int) -> tuple[list[str], dict[str, fl
             m.parameters(), lr=0.01, momentum=0.9, hierarchy=hm, penalties=pens(hm), **kw
         )
 
-    sgd = torch.optim.SGD(m_sgd.parameters(), lr=0.01, momentum=0.9)
+    sgd = torch.optim.SGD(m_sgd.parameters(), lr=0.01, momentum=0.9, foreach=True)
     sgdf = torch.optim.SGD(m_sgdf.parameters(), lr=0.01, momentum=0.9, fused=True)
     psgd = prox_sgd(m_prox)
     ign = prox_sgd(m_ign, nonfinite="ignore")
@@ -111,7 +111,7 @@ def measure(name: str, iters: int, warmup: int) -> tuple[list[str], dict[str, fl
     target = gp.SparsityTarget(
         tgt_opt, dict.fromkeys(tgt_opt.penalties, 0.5), reach_step=100_000, warmup_steps=0
     )
-    adamw = torch.optim.AdamW(m_adamw.parameters(), lr=1e-3)
+    adamw = torch.optim.AdamW(m_adamw.parameters(), lr=1e-3, foreach=True)
     adamwf = torch.optim.AdamW(m_adamwf.parameters(), lr=1e-3, fused=True)
     h_adam = build_h(m_padam)
     padam = gp.ProxAdam(m_padam.parameters(), lr=1e-3, hierarchy=h_adam, penalties=pens(h_adam))
