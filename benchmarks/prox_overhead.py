@@ -87,8 +87,11 @@ def _copies(build, n: int) -> tuple[list[nn.Module], Callable[[nn.Module], gp.Hi
 
 
 def measure(name: str, iters: int, warmup: int) -> tuple[list[str], dict[str, float]]:
-    models, build_h, what = _copies(MODELS[name], 10)
-    (m_floor, m_sgd, m_sgdf, m_prox, m_ign, m_tgt, m_adamw, m_adamwf, m_padam, m_alone) = models
+    models, build_h, what = _copies(MODELS[name], 12)
+    (m_floor, m_sgd, m_sgdf, m_prox, m_ign, m_tgt, m_adamw, m_adamwf, m_padam, m_alone) = models[
+        :10
+    ]
+    m_comp, m_comp_tgt = models[10:]
     h = build_h(m_prox)
 
     def pens(h: gp.Hierarchy, lam: float = 1e-6) -> dict[str, gp.Penalty]:
@@ -111,6 +114,17 @@ def measure(name: str, iters: int, warmup: int) -> tuple[list[str], dict[str, fl
     target = gp.SparsityTarget(
         tgt_opt, dict.fromkeys(tgt_opt.penalties, 0.5), reach_step=100_000, warmup_steps=0
     )
+    comp = prox_sgd(m_comp, compiled=True)
+    comp_tgt_opt = prox_sgd(m_comp_tgt, compiled=True)
+    comp_target = gp.SparsityTarget(
+        comp_tgt_opt, dict.fromkeys(comp_tgt_opt.penalties, 0.5), reach_step=100_000, warmup_steps=0
+    )
+    start = time.perf_counter()
+    for _ in range(2):  # the first step creates the momentum buffers, the second compiles
+        comp.step()
+        comp_tgt_opt.step()
+        comp_target.step()
+    compile_seconds = time.perf_counter() - start
     adamw = torch.optim.AdamW(m_adamw.parameters(), lr=1e-3, foreach=True)
     adamwf = torch.optim.AdamW(m_adamwf.parameters(), lr=1e-3, fused=True)
     h_adam = build_h(m_padam)
@@ -122,6 +136,10 @@ def measure(name: str, iters: int, warmup: int) -> tuple[list[str], dict[str, fl
         tgt_opt.step()
         target.step()
 
+    def compiled_with_target() -> None:
+        comp_tgt_opt.step()
+        comp_target.step()
+
     cases: dict[str, Callable[[], object]] = {
         "pass": lambda: torch._foreach_mul_([p.detach() for p in floor], 1.0),
         "SGD (foreach)": sgd.step,
@@ -129,6 +147,8 @@ def measure(name: str, iters: int, warmup: int) -> tuple[list[str], dict[str, fl
         "ProxSGD": psgd.step,
         "ProxSGD, nonfinite='ignore'": ign.step,
         "ProxSGD + SparsityTarget.step()": with_target,
+        "ProxSGD, compiled=True": comp.step,
+        "ProxSGD, compiled=True, + SparsityTarget.step()": compiled_with_target,
         "AdamW (foreach)": adamw.step,
         "AdamW (fused)": adamwf.step,
         "ProxAdam": padam.step,
@@ -156,6 +176,10 @@ def measure(name: str, iters: int, warmup: int) -> tuple[list[str], dict[str, fl
         "(ProxSGD + SparsityTarget) ÷ SGD (foreach)": ratio(
             "ProxSGD + SparsityTarget.step()", "SGD (foreach)"
         ),
+        "ProxSGD compiled ÷ SGD (foreach)": ratio("ProxSGD, compiled=True", "SGD (foreach)"),
+        "(ProxSGD compiled + SparsityTarget) ÷ SGD (foreach)": ratio(
+            "ProxSGD, compiled=True, + SparsityTarget.step()", "SGD (foreach)"
+        ),
         "ProxAdam ÷ AdamW (foreach)": ratio("ProxAdam", "AdamW (foreach)"),
         "ProxAdam ÷ AdamW (fused)": ratio("ProxAdam", "AdamW (fused)"),
         "prox alone, in passes": ratio("prox alone", "pass"),
@@ -166,7 +190,8 @@ def measure(name: str, iters: int, warmup: int) -> tuple[list[str], dict[str, fl
     lines = [
         f"## {name}",
         "",
-        f"{n_params / 1e6:.1f} M parameters in {len(floor)} tensors; hierarchy {what}: {groups}.",
+        f"{n_params / 1e6:.1f} M parameters in {len(floor)} tensors; hierarchy {what}: {groups}. "
+        f"`compiled=True` compiled in {compile_seconds:.0f} s (not in the timings).",
         "",
         "| case | median (ms) | ÷ SGD (foreach) |",
         "| --- | ---: | ---: |",

@@ -44,8 +44,10 @@ __all__ = [
     "ProxPlan",
     "atom_sq_norms",
     "atom_sum",
+    "group_scales",
     "group_sq_norms",
     "hierarchical_prox_",
+    "needs_group_norms_only",
     "scale_atoms_",
     "soft_threshold_",
 ]
@@ -451,11 +453,7 @@ def hierarchical_prox_(
         ``‖x_a‖²·s_a²`` from the norms read and the scales written (a new tensor, so that callers
         may keep it); ``None`` when the atom norms were not read.
     """
-    active = [
-        (i, pen)
-        for i, (_, pen) in enumerate(plan.penalties)
-        if pen.lam > 0 and plan.levels[i].num_groups
-    ]
+    active = _active_levels(plan)
     if not active:
         return None
     device = plan.tensors[0].param.device
@@ -471,8 +469,7 @@ def hierarchical_prox_(
             tau += torch.where(dev.in_level[i], threshold(eta_atom, coef), 0.0)
         soft_threshold_(plan.tensors, tau, plan.sharding)
 
-    grouped = [(i, pen) for i, pen in active if pen.has_group_part]
-    if not grouped:
+    if not any(pen.has_group_part for _, pen in active):
         return None
     if dev.norm_reader is not None:
         atom_sq = dev.norm_reader.read()
@@ -480,6 +477,45 @@ def hierarchical_prox_(
         atom_sq = atom_sq_norms(plan.tensors, acc, out=dev.atom_sq, sharding=plan.sharding)
     if check_finite:
         _check_finite_atoms(plan, atom_sq)
+    scale = group_scales(plan, eta, atom_sq)
+    _multiply_(plan, dev.scale_views)
+    return atom_sq * scale.square()
+
+
+def _active_levels(plan: ProxPlan) -> list[tuple[int, Penalty]]:
+    return [
+        (i, pen)
+        for i, (_, pen) in enumerate(plan.penalties)
+        if pen.lam > 0 and plan.levels[i].num_groups
+    ]
+
+
+def needs_group_norms_only(plan: ProxPlan) -> bool:
+    """Whether the plan's prox is, at the current λs, a scaling of atoms computed from their norms
+    alone (no active elementwise L1 part, no sharding, some active group level): then the norms
+    can come from wherever the new values are computed (see :func:`group_scales`)."""
+    active = _active_levels(plan)
+    return (
+        plan.sharding is None
+        and any(pen.has_group_part for _, pen in active)
+        and not any(pen.l1_part > 0 for _, pen in active)
+    )
+
+
+def group_scales(plan: ProxPlan, component_eta: Tensor, atom_sq: Tensor) -> Tensor:
+    """The scale of every atom under the prox of the plan's group penalties, from the squared
+    atom norms ``atom_sq`` of the values it acts on (written into the plan's scale buffer on
+    ``atom_sq``'s device, whose per-tensor views are ``plan.on(device).scale_views``).
+
+    Level by level from the finest (penalties ordered ``"last"`` after the others), the group
+    norms are the segment sums of ``atom_sq · scale²`` (the current values, without re-reading the
+    tensors), the penalty turns them into group scales (thresholds formed in float64, see
+    :func:`group_prox.penalties.threshold`), and the atom scales are multiplied by them."""
+    device = atom_sq.device
+    dev = plan.on(device)
+    acc = plan.acc_dtype
+    eta = component_eta.to(device=device, dtype=acc)
+    grouped = [(i, pen) for i, pen in _active_levels(plan) if pen.has_group_part]
     scale = dev.scale.fill_(1.0)
     one = torch.ones(1, dtype=acc, device=device)
     for k, (i, pen) in enumerate(sorted(grouped, key=lambda item: item[1].order == "last")):
@@ -492,9 +528,7 @@ def hierarchical_prox_(
         # Thresholds are formed in float64 (see penalties.threshold); the scales are rounded once.
         group_scale = pen.group_scale(sq[:-1], eta_group, dev.weights[i]).to(acc)
         scale.mul_(torch.cat([group_scale, one]).index_select(0, owner))
-
-    _multiply_(plan, dev.scale_views)
-    return atom_sq * scale.square()
+    return scale
 
 
 def _check_finite_atoms(plan: ProxPlan, atom_sq: Tensor) -> None:

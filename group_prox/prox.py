@@ -34,7 +34,15 @@ import torch
 from torch import Tensor, nn
 
 from .hierarchy.core import Hierarchy
-from .kernels import NonFiniteAtoms, ProxPlan, group_sq_norms, hierarchical_prox_, scale_atoms_
+from .kernels import (
+    NonFiniteAtoms,
+    ProxPlan,
+    group_scales,
+    group_sq_norms,
+    hierarchical_prox_,
+    needs_group_norms_only,
+    scale_atoms_,
+)
 from .penalties import Penalty
 
 __all__ = ["GLOBAL", "HierarchicalProx", "NonFiniteAtoms"]
@@ -263,6 +271,47 @@ class HierarchicalProx:
         self._norms = (atom_sq, versions)
         if check_finite:
             self._finite_versions = versions
+
+    # ------------------------------------------------------------ fused into an update
+    @property
+    def scales_from_norms(self) -> bool:
+        """Whether an application is, at the current λs, a scaling of each atom computed from the
+        atoms' norms alone (some group level active, no elementwise L1 part, not frozen, not
+        sharded). Then an update that computes the new values can also compute their atom norms
+        and write the scaled values in one pass (see :meth:`scales` and :meth:`record`), as
+        ``ProxSGD(..., compiled=True)`` does, instead of writing them for :meth:`apply_` to read
+        and write again."""
+        return self._frozen_mask is None and needs_group_norms_only(self.plan)
+
+    @torch.no_grad()
+    def scales(self, atom_sq: Tensor, step_sizes: Tensor | float) -> list[Tensor]:
+        """The scales of ``prox_{η·Ω}`` for values whose squared atom norms are ``atom_sq`` (in
+        the plan's atom order), as one view per tensor of the hierarchy that broadcasts against
+        it: multiplying each tensor's new values by its view applies the prox. Only while
+        :attr:`scales_from_norms`; the views are the plan's buffers, valid until the next call.
+        """
+        self._refuse_meta()
+        if not self.scales_from_norms:
+            raise ValueError(
+                f"{self.owner}.scales: the prox is not a scaling from atom norms alone now (an "
+                "elementwise L1 part is active, the pattern is frozen or the tensors are "
+                "sharded); use apply_()."
+            )
+        eta = step_sizes
+        if not isinstance(eta, Tensor) or eta.numel() != self.plan.num_components + 1:
+            eta = self.component_step_sizes(step_sizes)
+        group_scales(self.plan, eta, atom_sq)
+        return self.plan.on(atom_sq.device).scale_views
+
+    def record(self, atom_sq: Tensor, *, finite: bool) -> None:
+        """Record, after an update wrote ``x·s`` with the :meth:`scales` for ``atom_sq``, what the
+        prox knows without reading again: the squared atom norms ``atom_sq·s²`` (for
+        :meth:`group_sq_norms`) and, with ``finite``, that every parameter is finite (for
+        :meth:`unread`)."""
+        scale = self.plan.on(atom_sq.device).scale
+        versions = self._versions()
+        self._norms = (atom_sq * scale.square(), versions)
+        self._finite_versions = versions if finite else None
 
     def _refuse_meta(self) -> None:
         if self._meta is not None:

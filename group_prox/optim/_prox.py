@@ -172,9 +172,18 @@ class ProxMixin:
         #: ``torch.amp.GradScaler`` that found an overflow in a fused step).
         self.skipped_steps = 0
 
-    def _guarded_step(self, update: Callable[[], None], closure: Callable[[], Any] | None) -> Any:
+    def _guarded_step(
+        self,
+        update: Callable[[], None],
+        closure: Callable[[], Any] | None,
+        fused: Callable[[], bool] | None = None,
+    ) -> Any:
         """Run ``closure``, look at the gradients and parameters, then ``update()`` and the prox,
-        or nothing at all. Every refusal happens before a tensor is changed."""
+        or nothing at all. Every refusal happens before a tensor is changed.
+
+        ``fused`` (optional) is tried first: an update fused with the prox that looks at what it
+        will write before writing anything, and returns False, having changed nothing, where it
+        does not apply or found a NaN or an infinity (the separate look then names it)."""
         self._check_step_sizes()
         loss = None
         if closure is not None:
@@ -182,6 +191,8 @@ class ProxMixin:
                 loss = closure()
         if self._amp_found_inf():
             self.skipped_steps += 1
+            return loss
+        if fused is not None and fused():
             return loss
         if self.nonfinite != "ignore":
             problem = self._agree(self._find_nonfinite())

@@ -49,12 +49,18 @@ class ProxSGD(ProxMixin, torch.optim.SGD):
         penalties: mapping ``level name -> penalty`` (levels without a penalty are not penalised).
             The key ``"global"``, when the hierarchy has no level of that name, stands for one
             group holding every parameter of the hierarchy.
-        compiled: run the SGD update as one ``torch.compile``-d pass per tensor instead of
-            torch's several passes, which pays for much of the prox's cost. The first compiled
-            step pays the compilation (tens of seconds on a CPU). Steps where it does not apply
-            take torch's path: the first step (no momentum buffer yet), a parameter without
-            ``grad``, or ``differentiable=True``. Results equal torch's update to float rounding,
-            not bit for bit.
+        compiled: fuse the SGD update and the prox into two ``torch.compile``-d passes (see
+            :mod:`group_prox.optim.compiled_sgd`): one read of every parameter, gradient and
+            momentum buffer computes the new values' atom norms, and looks for NaN and infinite
+            values, before anything is written; one more read writes the new values already
+            scaled by the prox. The default step instead makes torch's fused pass, a look at the
+            gradients, a read for the norms and a read-write to scale. Where the prox is not a
+            scaling from atom norms alone (an active elementwise L1 part, a frozen pattern,
+            sharded parameters) only the update is compiled. The first compiled step pays the
+            compilation (tens of seconds on a CPU for a ResNet-50). Steps where it does not apply
+            take the default path: the first step (no momentum buffer yet), a parameter without
+            ``grad``, sparse gradients, ``differentiable=True`` or a ``GradScaler``'s fused
+            step. Results equal the default path's to float rounding, with the same zeros.
         nonfinite: what a step does when a gradient or a parameter holds a NaN or an infinity,
             found by one read of each before anything is changed. ``"raise"`` (default): a
             ``FloatingPointError`` naming the tensor; parameters and state are untouched.
@@ -131,7 +137,29 @@ class ProxSGD(ProxMixin, torch.optim.SGD):
         Args:
             closure: re-evaluates the model and returns the loss (optional, as in torch).
         """
-        return self._guarded_step(self._sgd_update, closure)
+        return self._guarded_step(self._sgd_update, closure, self._fused_update)
+
+    def _fused_update(self) -> bool:
+        """With ``compiled=True``, where the prox is a scaling from atom norms alone: the update
+        and the prox in two compiled passes (see :mod:`group_prox.optim.compiled_sgd`), the
+        first of which also looks for NaN and infinite values before anything is written. False,
+        with nothing changed, where this does not apply or a value is not finite."""
+        compiled, prox = self._compiled_update, self._prox
+        if (
+            compiled is None
+            or prox is None
+            or not prox.scales_from_norms
+            or getattr(self, "found_inf", None) is not None
+            or not CompiledSGDUpdate.applicable(self.param_groups, self.state)
+        ):
+            return False
+        found = compiled.norms(self.param_groups, self.state, prox)
+        if not found.finite and self.nonfinite != "ignore":
+            return False
+        scales = prox.scales(found.atom_sq, self.prox_step_sizes())
+        compiled.step(self.param_groups, self.state, prox, scales)
+        prox.record(found.atom_sq, finite=found.finite)
+        return True
 
     def _sgd_update(self) -> None:
         if self._compiled_update is not None and CompiledSGDUpdate.applicable(
