@@ -11,6 +11,15 @@ from torch import Tensor
 RESULTS = Path(__file__).parent / "results"
 
 
+def publish(path: Path, lines: list[str], *, write: bool = True) -> None:
+    """Print a results table and, unless ``write`` is false, write it to ``path``."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 from _common import RESULTS as RESULTS_DIR
-from _common import machine
+from _common import machine, publish
 from torch import Tensor, nn
 
 import group_prox as gp
@@ -289,10 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nProxSGD / SGD: {steps['prox_sgd'] / steps['sgd']:.2f}×; the prox alone is "
         f"{steps['prox'] / steps['sgd']:.2f}× an SGD step."
     )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        RESULTS.write_text(text)
+    publish(RESULTS, lines, write=not args.no_write)
     return 0
 
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 from _common import RESULTS as RESULTS_DIR
-from _common import machine
+from _common import machine, publish
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -318,11 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Produced by `{command}`.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text)
+    publish(RESULTS, lines, write=not args.no_write)
     return 0
 
 

@@ -703,12 +703,7 @@ class Hierarchy:
                 f"{where}: a member is a parameter or a (param, dim, index) tuple, "
                 f"got {type(member).__name__}."
             )
-        ti = index_of.get(id(t))
-        if ti is None:
-            self._check_tensor(t, where, name_of)
-            ti = index_of[id(t)] = len(tensors)
-            tensors.append(t)
-            shapes.append(tuple(t.shape))
+        ti = self._tensor_index(t, where, name_of, index_of, tensors, shapes)
         shape = shapes[ti]
         label = name_of.get(id(t)) or f"tensor of shape {shape}"
         if dim is None:
@@ -732,6 +727,24 @@ class Hierarchy:
             selected[d] = self._check_index(index, d, shape[d], label, where)
         order = sorted(selected)
         return _NormalMember(ti, tuple(order), tuple(selected[d] for d in order))
+
+    def _tensor_index(
+        self,
+        t: Tensor,
+        where: str,
+        name_of: dict[int, str],
+        index_of: dict[int, int],
+        tensors: list[Tensor],
+        shapes: list[tuple[int, ...]],
+    ) -> int:
+        """The index of ``t`` among the hierarchy's tensors, checked and added at its first use."""
+        ti = index_of.get(id(t))
+        if ti is None:
+            self._check_tensor(t, where, name_of)
+            ti = index_of[id(t)] = len(tensors)
+            tensors.append(t)
+            shapes.append(tuple(t.shape))
+        return ti
 
     @staticmethod
     def _check_tensor(t: Tensor, where: str, name_of: dict[int, str]) -> None:
@@ -802,12 +815,7 @@ class Hierarchy:
         """A part of a table checked like a member (dims and ranges in bounds, vectorised)."""
         t = part.tensor
         member = f"{where}, group {names[0]!r}, member {k}"
-        ti = index_of.get(id(t))
-        if ti is None:
-            self._check_tensor(t, member, name_of)
-            ti = index_of[id(t)] = len(tensors)
-            tensors.append(t)
-            shapes.append(tuple(t.shape))
+        ti = self._tensor_index(t, member, name_of, index_of, tensors, shapes)
         shape = shapes[ti]
         label = name_of.get(id(t)) or f"tensor of shape {shape}"
         if not part.dims:
