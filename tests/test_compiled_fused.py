@@ -183,3 +183,16 @@ def test_falls_back_to_update_then_prox(case):
     for p, q in zip(eager.parameters(), fused.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
         assert torch.equal(p == 0, q == 0)
+
+
+def test_ignore_steps_without_looking_and_forgets_that_parameters_were_finite():
+    model, opt = _run(True, lr=0.1, momentum=0.9, nonfinite="ignore", steps=2)
+    x, y = _batches(1)[0]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    model[3].weight.grad[0] = float("nan")
+    opt.step()  # no look: the NaN goes in, as with nonfinite="ignore" on the default path
+    assert _fused_ran(opt)
+    assert torch.isnan(model[3].weight).any()
+    params = list(model.parameters())
+    assert len(opt.prox.unread(params)) == len(params)  # nothing is known to be finite

@@ -142,11 +142,32 @@ def _coefs(group: dict[str, Any]) -> Tensor:
 
 @dataclass
 class FusedNorms:
-    """What the first pass found: the squared norm of every atom of the hierarchy (in the plan's
-    atom order) and whether every new value, inside the hierarchy or not, is finite."""
+    """What the first pass computed: the squared norm of every atom of the hierarchy (in the plan's
+    atom order) and, per param group, a sum of the new values of each tensor outside the
+    hierarchy; all NaN or infinite where a new value is."""
 
     atom_sq: Tensor
-    finite: bool
+    outside: list[Tensor]
+
+    def finite(self) -> bool:
+        """Whether every new value is finite (one synchronisation with the device; an overflow of
+        a square or a sum counts as not finite, and the optimizer's exact look decides)."""
+        flags = [
+            torch.isfinite(self.atom_sq).all(),
+            *(torch.isfinite(o).all() for o in self.outside),
+        ]
+        return bool(torch.stack(flags).all())
+
+
+@dataclass(frozen=True)
+class _GroupLayout:
+    """Where one param group's tensors lie in the hierarchy, for the first pass."""
+
+    params: tuple[int, ...]  # ids of the group's parameters, to notice a changed group
+    reductions: tuple[Reduction, ...]
+    scaled: tuple[bool, ...]
+    hierarchy_index: tuple[int, ...]  # index in the plan of each scaled tensor, in group order
+    atoms: Tensor  # the atoms of the scaled tensors, in group order, on the plan's device
 
 
 class CompiledSGDUpdate:
@@ -160,11 +181,17 @@ class CompiledSGDUpdate:
 
     def __init__(self) -> None:
         self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        # Per param group: the plan it was made for and where the group's tensors lie in it.
+        self._layouts: dict[int, tuple[Any, _GroupLayout]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         """No compiled function (they cannot be copied or pickled): a copy compiles its own at
         its first compiled step, from torch.compile's cache where it has the code."""
-        return {"_compiled": {}}
+        return {"_compiled": {}, "_layouts": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._compiled = {}
+        self._layouts = {}
 
     def _fn(
         self, key: tuple[Any, ...], make: Callable[[], Callable[..., Any]]
@@ -202,45 +229,61 @@ class CompiledSGDUpdate:
         )
         return params, grads, bufs
 
+    def _layout(self, gi: int, group: dict[str, Any], prox: HierarchicalProx) -> _GroupLayout:
+        ids = tuple(id(p) for p in group["params"])
+        cached = self._layouts.get(gi)
+        if cached is not None and cached[0] is prox.plan and cached[1].params == ids:
+            return cached[1]
+        plan = prox.plan
+        index = {id(lay.param): i for i, lay in enumerate(plan.tensors)}
+        where = [index.get(i) for i in ids]
+        reductions = tuple(
+            "outside"
+            if i is None
+            else "whole"
+            if not plan.tensors[i].dims
+            else plan.tensors[i].reduce_dims
+            for i in where
+        )
+        inside = tuple(i for i in where if i is not None)
+        spans = [
+            torch.arange(plan.tensors[i].offset, plan.tensors[i].offset + plan.tensors[i].num_atoms)
+            for i in inside
+        ]
+        atoms = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
+        layout = _GroupLayout(
+            ids,
+            reductions,
+            tuple(i is not None for i in where),
+            inside,
+            atoms.to(plan.tensors[0].param.device),
+        )
+        self._layouts[gi] = (plan, layout)
+        return layout
+
     @torch.no_grad()
     def norms(
         self, param_groups: Sequence[dict[str, Any]], state: Any, prox: HierarchicalProx
     ) -> FusedNorms:
         """The first pass over every param group: the squared atom norms of the values the
-        update will compute, written into the prox plan's atom buffer, and whether every new
-        value is finite. Nothing else is written."""
+        update will compute, written into the prox plan's atom buffer, and a sum of each other
+        tensor's new values (see :class:`FusedNorms`). Nothing else is written, and nothing waits
+        for the device."""
         plan = prox.plan
-        index = {id(lay.param): i for i, lay in enumerate(plan.tensors)}
-        device = plan.tensors[0].param.device
-        dev = plan.on(device)
-        atom_sq = dev.atom_sq
-        finite = True
+        atom_sq = plan.on(plan.tensors[0].param.device).atom_sq
+        outside = []
         for gi, group in enumerate(param_groups):
-            layouts = [index.get(id(p)) for p in group["params"]]
-            reductions = tuple(
-                "outside"
-                if i is None
-                else "whole"
-                if not plan.tensors[i].dims
-                else plan.tensors[i].reduce_dims
-                for i in layouts
-            )
+            layout = self._layout(gi, group, prox)
             flags = _flags(group)
-            key = ("norms", gi, flags, reductions, plan.acc_dtype)
-            fn = self._fn(key, lambda f=flags, r=reductions: _make_norms(f, r, plan.acc_dtype))
+            key = ("norms", gi, flags, layout.reductions, plan.acc_dtype)
+            fn = self._fn(
+                key, lambda f=flags, r=layout.reductions: _make_norms(f, r, plan.acc_dtype)
+            )
             atoms, others = fn(*self._tensors(group, state), _coefs(group))
-            targets = [
-                torch.arange(
-                    plan.tensors[i].offset, plan.tensors[i].offset + plan.tensors[i].num_atoms
-                )
-                for i in layouts
-                if i is not None
-            ]
-            if targets:
-                atom_sq.index_copy_(0, torch.cat(targets).to(device), atoms.to(atom_sq.dtype))
-            finite = finite and bool(torch.isfinite(others).all())
-        finite = finite and bool(torch.isfinite(atom_sq).all())
-        return FusedNorms(atom_sq, finite)
+            if layout.hierarchy_index:
+                atom_sq.index_copy_(0, layout.atoms, atoms.to(atom_sq.dtype))
+            outside.append(others)
+        return FusedNorms(atom_sq, outside)
 
     @torch.no_grad()
     def step(
@@ -257,15 +300,14 @@ class CompiledSGDUpdate:
         The update is elementwise, so sharded tensors (FSDP2's ``DTensor``s) are updated through
         their local shards: each rank updates what it holds, with no collective and no DTensor
         dispatch inside the compiled graph."""
-        index = (
-            {}
-            if prox is None or scales is None
-            else {id(lay.param): i for i, lay in enumerate(prox.plan.tensors)}
-        )
         for gi, group in enumerate(param_groups):
-            layouts = [index.get(id(p)) for p in group["params"]]
-            scaled = tuple(i is not None for i in layouts)
-            views = [scales[i] for i in layouts if i is not None] if scales is not None else []
+            if prox is None or scales is None:
+                scaled = (False,) * len(group["params"])
+                views: list[Tensor] = []
+            else:
+                layout = self._layout(gi, group, prox)
+                scaled = layout.scaled
+                views = [scales[i] for i in layout.hierarchy_index]
             flags = _flags(group)
             fn = self._fn(
                 ("update", gi, flags, scaled), lambda f=flags, s=scaled: _make_update(f, s)

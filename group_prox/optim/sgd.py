@@ -154,11 +154,13 @@ class ProxSGD(ProxMixin, torch.optim.SGD):
         ):
             return False
         found = compiled.norms(self.param_groups, self.state, prox)
-        if not found.finite and self.nonfinite != "ignore":
+        # With nonfinite="ignore" nothing waits for the device (CUDA graphs, asynchronous steps).
+        checked = self.nonfinite != "ignore"
+        if checked and not found.finite():
             return False
         scales = prox.scales(found.atom_sq, self.prox_step_sizes())
         compiled.step(self.param_groups, self.state, prox, scales)
-        prox.record(found.atom_sq, finite=found.finite)
+        prox.record(found.atom_sq, finite=checked)
         return True
 
     def _sgd_update(self) -> None:
