@@ -16,6 +16,7 @@ Llama-style decoder from a transformers config (heads, MLP neurons, sublayers; a
 atoms include a column of the down projection). Writes ``benchmarks/results/prox_overhead.md``.
 
     python benchmarks/prox_overhead.py [--iters 40] [--models resnet50,efficientnet_b0,decoder]
+                                       [--device cuda]   # on a GPU: prox_overhead_cuda.md
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ def _efficientnet_b0() -> tuple[nn.Module, Callable[[nn.Module], gp.Hierarchy], 
     from torchvision.models import efficientnet_b0
 
     x = torch.randn(1, 3, 64, 64)
-    return efficientnet_b0(), lambda m: gp.hierarchy.auto(m, x), "auto (Torch-Pruning trace)"
+
+    def hierarchy(m: nn.Module) -> gp.Hierarchy:
+        return gp.hierarchy.auto(m, x.to(next(m.parameters()).device))
+
+    return efficientnet_b0(), hierarchy, "auto (Torch-Pruning trace)"
 
 
 def _decoder() -> tuple[nn.Module, Callable[[nn.Module], gp.Hierarchy], str]:
@@ -70,13 +75,16 @@ def _decoder() -> tuple[nn.Module, Callable[[nn.Module], gp.Hierarchy], str]:
 MODELS = {"resnet50": _resnet50, "efficientnet_b0": _efficientnet_b0, "decoder": _decoder}
 
 
-def _copies(build, n: int) -> tuple[list[nn.Module], Callable[[nn.Module], gp.Hierarchy], str]:
+def _copies(
+    build, n: int, device: torch.device
+) -> tuple[list[nn.Module], Callable[[nn.Module], gp.Hierarchy], str]:
     torch.manual_seed(0)
     first, hierarchy, what = build()
+    first.to(device)
     models = [first]
     for _ in range(n - 1):
         m, _, _ = build()
-        m.load_state_dict(first.state_dict())
+        m.to(device).load_state_dict(first.state_dict())
         models.append(m)
     torch.manual_seed(1)
     grads = [torch.randn_like(p) * 1e-3 for p in first.parameters()]
@@ -86,8 +94,12 @@ def _copies(build, n: int) -> tuple[list[nn.Module], Callable[[nn.Module], gp.Hi
     return models, hierarchy, what
 
 
-def measure(name: str, iters: int, warmup: int) -> tuple[list[str], dict[str, float]]:
-    models, build_h, what = _copies(MODELS[name], 12)
+def measure(
+    name: str, iters: int, warmup: int, device: torch.device
+) -> tuple[list[str], dict[str, float]]:
+    models, build_h, what = _copies(MODELS[name], 12, device)
+    # On an accelerator a step only queues kernels: wait for them before and after each case.
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     (m_floor, m_sgd, m_sgdf, m_prox, m_ign, m_tgt, m_adamw, m_adamwf, m_padam, m_alone) = models[
         :10
     ]
@@ -157,8 +169,10 @@ def measure(name: str, iters: int, warmup: int) -> tuple[list[str], dict[str, fl
     times: dict[str, list[float]] = {k: [] for k in cases}
     for it in tqdm(range(warmup + iters), desc=name, unit="iter"):
         for key, fn in cases.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             if it >= warmup:
                 times[key].append(time.perf_counter() - start)
 
@@ -216,20 +230,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (results to prox_overhead_cuda.md)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    where = f"{torch.cuda.get_device_name(device)}, driven by " if device.type == "cuda" else ""
     lines = [
         "# What a step costs",
         "",
-        f"Machine: {machine()}. {args.iters} timed iterations after {args.warmup} warm-up ones, "
+        f"Machine: {where}{machine()}. {args.iters} timed iterations after {args.warmup} warm-up ones, "
         "the cases interleaved in each iteration, on the same gradients; medians of the "
         "per-iteration ratios. A *pass* is one in-place multiplication of every parameter.",
         "",
     ]
     for name in args.models.split(","):
-        section, _ = measure(name, args.iters, args.warmup)
+        section, _ = measure(name, args.iters, args.warmup, device)
         lines += section
     lines += [
         "ProxSGD and ProxAdam use torch's fused update by default where it applies (one pass over "
@@ -240,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         "it. `nonfinite='ignore'` saves the look. A SparsityTarget takes its group norms from "
         "what the prox last read, so its step reads no parameter.",
         "",
-        f"Produced by `python benchmarks/prox_overhead.py{' --threads ' + str(args.threads) if args.threads else ''}`.",
+        f"Produced by `python benchmarks/prox_overhead.py{' --threads ' + str(args.threads) if args.threads else ''}"
+        f"{' --device ' + args.device if device.type != 'cpu' else ''}`.",
     ]
-    publish(RESULTS, lines, write=not args.no_write)
+    path = RESULTS if device.type == "cpu" else RESULTS.with_name(f"prox_overhead_{device.type}.md")
+    publish(path, lines, write=not args.no_write)
     return 0
 
 
