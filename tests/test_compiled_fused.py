@@ -63,8 +63,17 @@ def _batches(n: int, dtype=torch.float32):
     ]
 
 
-def _run(compiled: bool, *, dtype=torch.float32, groups: bool = False, pens=None, steps=6, **kw):
-    model = _model(dtype)
+def _run(
+    compiled: bool,
+    *,
+    dtype=torch.float32,
+    groups: bool = False,
+    pens=None,
+    steps=6,
+    device="cpu",
+    **kw,
+):
+    model = _model(dtype).to(device)
     h = _hierarchy(model)
     if groups:  # two param groups; model[3].bias and model[5].bias are outside the hierarchy
         params = [
@@ -81,7 +90,7 @@ def _run(compiled: bool, *, dtype=torch.float32, groups: bool = False, pens=None
     opt = gp.ProxSGD(params, hierarchy=h, penalties=pens, compiled=compiled, **kw)
     for x, y in _batches(steps, dtype):
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
         opt.step()
     return model, opt
 
@@ -196,3 +205,14 @@ def test_ignore_steps_without_looking_and_forgets_that_parameters_were_finite():
     assert torch.isnan(model[3].weight).any()
     params = list(model.parameters())
     assert len(opt.prox.unread(params)) == len(params)  # nothing is known to be finite
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("nonfinite", ["raise", "ignore"])
+def test_fused_step_equals_eager_on_cuda(nonfinite):
+    eager, _ = _run(False, device="cuda", lr=0.1, momentum=0.9, nonfinite=nonfinite)
+    fused, opt = _run(True, device="cuda", lr=0.1, momentum=0.9, nonfinite=nonfinite)
+    assert _fused_ran(opt)
+    for p, q in zip(eager.parameters(), fused.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert torch.equal(p == 0, q == 0)

@@ -133,10 +133,12 @@ def _flags(group: dict[str, Any]) -> _Flags:
     )
 
 
-def _coefs(group: dict[str, Any]) -> Tensor:
+def _coefs(group: dict[str, Any], device: torch.device) -> Tensor:
+    # On the parameters' device: a CPU tensor among CUDA ones would split the compiled graph.
     return torch.tensor(
         [float(group[k]) for k in ("lr", "momentum", "dampening", "weight_decay")],
         dtype=torch.float64,
+        device=device,
     )
 
 
@@ -273,13 +275,16 @@ class CompiledSGDUpdate:
         atom_sq = plan.on(plan.tensors[0].param.device).atom_sq
         outside = []
         for gi, group in enumerate(param_groups):
+            if not group["params"]:
+                continue
             layout = self._layout(gi, group, prox)
             flags = _flags(group)
             key = ("norms", gi, flags, layout.reductions, plan.acc_dtype)
             fn = self._fn(
                 key, lambda f=flags, r=layout.reductions: _make_norms(f, r, plan.acc_dtype)
             )
-            atoms, others = fn(*self._tensors(group, state), _coefs(group))
+            tensors = self._tensors(group, state)
+            atoms, others = fn(*tensors, _coefs(group, tensors[0][0].device))
             if layout.hierarchy_index:
                 atom_sq.index_copy_(0, layout.atoms, atoms.to(atom_sq.dtype))
             outside.append(others)
@@ -301,6 +306,8 @@ class CompiledSGDUpdate:
         their local shards: each rank updates what it holds, with no collective and no DTensor
         dispatch inside the compiled graph."""
         for gi, group in enumerate(param_groups):
+            if not group["params"]:
+                continue
             if prox is None or scales is None:
                 scaled = (False,) * len(group["params"])
                 views: list[Tensor] = []
@@ -312,4 +319,5 @@ class CompiledSGDUpdate:
             fn = self._fn(
                 ("update", gi, flags, scaled), lambda f=flags, s=scaled: _make_update(f, s)
             )
-            fn(*self._tensors(group, state), _coefs(group), views)
+            tensors = self._tensors(group, state)
+            fn(*tensors, _coefs(group, tensors[0][0].device), views)
