@@ -23,6 +23,7 @@ from .checksums import checksums_of, first_mismatch
 from .kernels import ProxPlan
 from .optim import ProxAdam, ProxSGD
 from .penalties import GroupLasso, Penalty, SparseGroupLasso, check_lam
+from .selection import group_by_family
 
 __all__ = ["SparsityTarget"]
 
@@ -295,10 +296,8 @@ class SparsityTarget:
         if family is None or self.spread >= 1.0:
             return order
         n = order.numel()
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(n)
-        # Rank of each group within its family, in saliency order.
-        by_family = torch.argsort(family * n + rank, stable=True)
+        # The groups family by family, each family in saliency order.
+        by_family = group_by_family(order, family)
         sizes = torch.bincount(family)
         starts = torch.cumsum(sizes, 0) - sizes
         within = torch.empty_like(order)
