@@ -47,8 +47,8 @@ __all__ = [
     "group_scales",
     "group_sq_norms",
     "hierarchical_prox_",
-    "needs_group_norms_only",
     "scale_atoms_",
+    "scales_from_norms",
     "soft_threshold_",
 ]
 
@@ -471,10 +471,7 @@ def hierarchical_prox_(
 
     if not any(pen.has_group_part for _, pen in active):
         return None
-    if dev.norm_reader is not None:
-        atom_sq = dev.norm_reader.read()
-    else:
-        atom_sq = atom_sq_norms(plan.tensors, acc, out=dev.atom_sq, sharding=plan.sharding)
+    atom_sq = _read_atom_sq(plan, dev)
     if check_finite:
         _check_finite_atoms(plan, atom_sq)
     scale = group_scales(plan, eta, atom_sq)
@@ -490,7 +487,7 @@ def _active_levels(plan: ProxPlan) -> list[tuple[int, Penalty]]:
     ]
 
 
-def needs_group_norms_only(plan: ProxPlan) -> bool:
+def scales_from_norms(plan: ProxPlan) -> bool:
     """Whether the plan's prox is, at the current λs, a scaling of atoms computed from their norms
     alone (no active elementwise L1 part, no sharding, some active group level): then the norms
     can come from wherever the new values are computed (see :func:`group_scales`)."""
@@ -567,6 +564,13 @@ def scale_atoms_(plan: ProxPlan, atom_scale: Tensor) -> None:
 def group_sq_norms(plan: ProxPlan) -> tuple[Tensor, list[Tensor]]:
     """Atom squared norms (one read of every tensor) and, for each penalised level of the plan, the
     squared norm of each of its groups (``num_groups`` entries; uncovered groups count 0)."""
-    device = plan.tensors[0].param.device
-    atom_sq = atom_sq_norms(plan.tensors, plan.acc_dtype, sharding=plan.sharding).to(device)
+    atom_sq = _read_atom_sq(plan, plan.on(plan.tensors[0].param.device)).clone()
     return atom_sq, plan.level_sq_norms(atom_sq)
+
+
+def _read_atom_sq(plan: ProxPlan, dev: ProxPlan._OnDevice) -> Tensor:
+    """The atom squared norms, read into the plan's buffer on ``dev`` by its cached reader (the
+    shards' partial sums, all-reduced, when sharded)."""
+    if dev.norm_reader is not None:
+        return dev.norm_reader.read()
+    return atom_sq_norms(plan.tensors, plan.acc_dtype, out=dev.atom_sq, sharding=plan.sharding)

@@ -40,8 +40,8 @@ from .kernels import (
     group_scales,
     group_sq_norms,
     hierarchical_prox_,
-    needs_group_norms_only,
     scale_atoms_,
+    scales_from_norms,
 )
 from .penalties import Penalty
 
@@ -281,7 +281,7 @@ class HierarchicalProx:
         and write the scaled values in one pass (see :meth:`scales` and :meth:`record`), as
         ``ProxSGD(..., compiled=True)`` does, instead of writing them for :meth:`apply_` to read
         and write again."""
-        return self._frozen_mask is None and needs_group_norms_only(self.plan)
+        return self._frozen_mask is None and scales_from_norms(self.plan)
 
     @torch.no_grad()
     def scales(self, atom_sq: Tensor, step_sizes: Tensor | float) -> list[Tensor]:

@@ -1,8 +1,9 @@
-"""Per-layer uniform selection of the groups a controller penalises (``selection="uniform"``).
+"""Per-layer selection of the groups a controller penalises: what :class:`~group_prox.SparsityTarget`
+uses to choose, at each update, the groups its penalty acts on.
 
-Not the default of :class:`~group_prox.SparsityTarget`: it cuts the same fraction from every layer,
-like per-layer magnitude pruning, and lets the loss no say in which layers lose most. It stays as
-an opt-in for users who want that guarantee. Pure functions on group norms, testable alone.
+It cuts about the same fraction from every layer (``spread`` loosens it), like per-layer magnitude
+pruning, so the loss has no say in which layers lose most. Pure functions on group norms,
+testable alone.
 
 A level's *families* are the groups whose first scalar lies in the same tensor (the filters of
 one conv). Saliency is ``‖x_g‖ / (w_g·m_f)``, with ``m_f`` the median of ``‖x_g‖/w_g`` over the

@@ -15,15 +15,13 @@ import numbers
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .checksums import checksums_of, first_mismatch
-from .kernels import ProxPlan
 from .optim import ProxAdam, ProxSGD
 from .penalties import GroupLasso, Penalty, SparseGroupLasso, check_lam
-from .selection import group_by_family
+from .selection import families, family_medians, smallest_first
 
 __all__ = ["SparsityTarget"]
 
@@ -187,7 +185,7 @@ class SparsityTarget:
         self.lam: dict[str, float | None] = {lv: None for lv in self.targets}
         #: the last measured fraction of exactly-zero groups of each level.
         self.zero_fraction: dict[str, float] = {lv: 0.0 for lv in self.targets}
-        self._families = {lv: _families(plan, self._level_index[lv]) for lv in self.targets}
+        self._families = {lv: families(plan, self._level_index[lv]) for lv in self.targets}
         self._family_ref: dict[str, Tensor] = {}
         #: the groups of each level the penalty currently acts on (in covered-group order).
         self.selected: dict[str, Tensor] = {}
@@ -286,48 +284,15 @@ class SparsityTarget:
         self, level: str, rel_norm: Tensor, zero: Tensor, fraction: float
     ) -> Tensor:
         """Covered groups of ``level`` that may be zeroed at ``fraction`` of the level, least
-        salient first: the zero ones, then by ‖x_g‖/(w_g·m_f), at most
-        ``(fraction + spread·(1 − fraction))·n_f`` (rounded by largest remainders, so that the
-        caps add up to the level's count) and at most ``n_f − 1`` of the ``n_f`` groups of any
-        family."""
-        saliency = torch.where(zero, -1.0, rel_norm / self._family_scale(level, rel_norm))
-        order = torch.argsort(saliency, stable=True)
+        salient first (see :func:`group_prox.selection.smallest_first`), each family's groups
+        measured against its median ‖x_g‖/w_g when the ramp began (fixed then: a median of the
+        live groups would keep declaring half of a family's survivors small, and empty it)."""
         family = self._families[level]
-        if family is None or self.spread >= 1.0:
-            return order
-        n = order.numel()
-        # The groups family by family, each family in saliency order.
-        by_family = group_by_family(order, family)
-        sizes = torch.bincount(family)
-        starts = torch.cumsum(sizes, 0) - sizes
-        within = torch.empty_like(order)
-        within[by_family] = torch.arange(n) - starts[family[by_family]]
-        share = sizes.double() * (fraction + self.spread * (1.0 - fraction))
-        cap = torch.floor(share).long()
-        # Largest remainders get one more, so that the caps add up to the level's count.
-        missing = max(0, round(fraction * n) - int(cap.sum()))
-        cap[torch.argsort(cap - share, stable=True)[:missing]] += 1
-        # Emptying a whole conv would cut the network; whole branches are a coarser level's job.
-        cap = torch.minimum(cap, sizes - 1)
-        eligible = zero | (within < cap[family])
-        return order[eligible[order]]
-
-    def _family_scale(self, level: str, rel_norm: Tensor) -> Tensor:
-        """The median ‖x_g‖/w_g of each group's family (the tensor its first scalar lies in: the
-        filters of one conv) when the ramp began, so that layers initialised at different scales
-        compete fairly. It is fixed then: a median of the live groups would keep declaring half
-        of a family's survivors small, and empty the family."""
-        family = self._families[level]
-        if family is None:
-            return torch.ones_like(rel_norm)
-        ref = self._family_ref.get(level)
-        if ref is None:
-            ref = torch.stack(
-                [rel_norm[family == f].median() for f in range(int(family.max()) + 1)]
-            )
-            ref = ref.clamp_min(torch.finfo(ref.dtype).tiny)
-            self._family_ref[level] = ref
-        return ref[family].to(rel_norm.dtype)
+        if family is not None and level not in self._family_ref:
+            self._family_ref[level] = family_medians(rel_norm, family)
+        return smallest_first(
+            rel_norm, zero, fraction, family, self._family_ref.get(level), self.spread
+        )
 
     def _select(self, level: str, selected: Tensor) -> None:
         i = self._level_index[level]
@@ -515,20 +480,6 @@ def _target_tensors(
     tensors = {f"selected/{lv}": t for lv, t in selected.items()}
     tensors.update({f"family_ref/{lv}": t for lv, t in family_ref.items()})
     return tensors
-
-
-def _families(plan: ProxPlan, level: int) -> Tensor | None:
-    """For each covered group of a level, the index of the tensor holding its first atom; ``None``
-    when no two groups share one (nothing to normalise)."""
-    lp = plan.levels[level]
-    owner = lp.atom_group.numpy()
-    first = np.full(lp.num_groups + 1, np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(first, owner, np.arange(owner.size))
-    starts = np.array([lay.offset for lay in plan.tensors])
-    tensor_of = np.searchsorted(starts, first[:-1][lp.covered.numpy()], side="right") - 1
-    if np.unique(tensor_of).size == tensor_of.size:
-        return None
-    return torch.from_numpy(np.unique(tensor_of, return_inverse=True)[1].reshape(-1))
 
 
 def _describe(value: object) -> str:
