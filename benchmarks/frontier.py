@@ -13,9 +13,11 @@ order from the same initialisation, and is measured on the final, physically sma
 
 Methods: dense SGD and AdamW; a group-lasso penalty added to the loss then thresholded
 (``seed``); Torch-Pruning's ``GroupNormPruner`` (``tp-groupnorm``); per-layer magnitude pruning of
-the blocks' inner filters (``magnitude``); and ``ProxSGD``/``ProxAdam`` steered to target sparsities by
-``gp.SparsityTarget`` (``prox-sgd``, ``prox-adam``). Each sparse method has settings spanning
-about 50% to 90% of the parameters removed; its accuracy
+the blocks' inner filters (``magnitude``); ``ProxSGD``/``ProxAdam`` steered to a share of the
+parameters removed by ``gp.SparsityTarget(params=...)`` (``prox-sgd``, ``prox-adam``: the default
+path); ProxSGD with one fixed λ (``prox-fixed``); and the target's per-layer magnitude selection
+(``prox-uniform``). Each sparse method has settings spanning
+about 50% to 95% of the parameters removed; its accuracy
 at exactly those points is read off its curve by linear interpolation (never extrapolated).
 
 Writes ``benchmarks/results/frontier.md`` and ``frontier.png``.
@@ -66,7 +68,6 @@ FINETUNE_SGD_LR = 0.01  # fine-tuning: a fresh OneCycle at a tenth of the traini
 
 # seed: the branch penalty is SEED_LAYER_RATIO × λ; groups (and branches) whose norm is below
 # SEED_REL_THRESHOLD × the largest norm of their level are zeroed after sparse training.
-SEED_LAYER_RATIO = 0.2
 SEED_REL_THRESHOLD = 1e-3
 # tp-groupnorm: strength of GroupNormPruner's sparsity regulariser during sparse training.
 TP_REG = 5e-4
@@ -76,13 +77,16 @@ PROX_REACH = float(__import__("os").environ.get("PROX_REACH", "0.6"))
 
 Knob = float | dict[str, float] | None
 
-PROX_KNOBS: list[Knob] = [
-    {"base_level": 0.3, "layer": 0.0},
+# prox-sgd / prox-adam: the share of the parameters gp.compress removes, gp.SparsityTarget(params=).
+PROX_TARGETS: list[Knob] = [0.5, 0.7, 0.9, 0.95]
+# prox-uniform: fractions of zero filters / zero branches, selection="uniform" (per-layer magnitude).
+UNIFORM_KNOBS: list[Knob] = [
     {"base_level": 0.5, "layer": 0.0},
     {"base_level": 0.4, "layer": 0.25},
-    {"base_level": 0.6, "layer": 0.25},
     {"base_level": 0.8, "layer": 0.25},
 ]
+# The branch penalty's share of the filters' λ, for every penalty method (seed and prox alike).
+LAYER_RATIO = 0.2
 
 
 @dataclass(frozen=True)
@@ -109,13 +113,16 @@ QUICK_BUDGET = {"digits": Budget(12, 3), "mnist1d": Budget(8, 2)}
 KNOBS: dict[str, dict[str, list[Knob]]] = {
     "dense-sgd": {t: [None] for t in TASKS},
     "dense-adamw": {t: [None] for t in TASKS},
-    "seed": {"digits": [3e-4, 4e-4, 2e-3], "mnist1d": [4e-4, 7e-4, 2e-3]},
+    "seed": {"digits": [3e-4, 4e-4, 2e-3, 4e-3], "mnist1d": [4e-4, 7e-4, 2e-3, 4e-3]},
     "tp-groupnorm": {t: [0.27, 0.45, 0.7] for t in TASKS},
     "magnitude": {"digits": [0.5, 0.75, 0.95], "mnist1d": [0.55, 0.8, 0.95]},
-    # Fractions of zero filters / zero branches for gp.SparsityTarget. One zero branch (layer4's,
-    # the largest) removes about 70% of the parameters by itself.
-    "prox-sgd": {t: PROX_KNOBS for t in TASKS},
-    "prox-adam": {t: PROX_KNOBS for t in TASKS},
+    "prox-sgd": {t: PROX_TARGETS for t in TASKS},
+    "prox-adam": {t: PROX_TARGETS for t in TASKS},
+    # The seed's in-loss λs, translated by gp.prox_lambda (× 1/(1 − momentum) = 10).
+    "prox-fixed": {t: [4e-4, 7e-4, 1.2e-3, 2e-3] for t in TASKS},
+    # One zero branch (layer4's, the largest) removes about 70% of the parameters by itself.
+    "prox-uniform": {t: UNIFORM_KNOBS for t in TASKS},
+    "prox-stream": {t: PROX_TARGETS for t in TASKS},
 }
 
 
@@ -396,7 +403,7 @@ def run_seed(task: str, knob: Knob, seed: int, budget: Budget) -> Row:
     zeroed, and the rest fine-tuned with the zeros held."""
     assert isinstance(knob, float)
     data, model = load_task(task, seed), new_model(task, seed)
-    lam, lam_layer = knob, SEED_LAYER_RATIO * knob
+    lam, lam_layer = knob, LAYER_RATIO * knob
     pairs, bls = conv_bn_pairs(model), blocks(model)
     filter_w = [math.sqrt(conv.weight[0].numel() + 2) for conv, _ in pairs]
     branch_w = [math.sqrt(sum(p.numel() for p in _branch_params(b))) for b in bls]
@@ -485,37 +492,102 @@ def run_tp(task: str, knob: Knob, seed: int, budget: Budget) -> Row:
 # ---------------------------------------------------------------- ProxSGD / ProxAdam
 
 
-def run_prox(task: str, kind: str, knob: Knob, seed: int, budget: Budget) -> Row:
-    """ProxSGD (momentum 0.9) or ProxAdam under one OneCycle schedule over all epochs, with group
-    lasso on filters and branches whose λ a ``gp.SparsityTarget`` steers to the level fractions
-    ``knob``: warm-up for the first epoch, targets reached halfway through the sparse epochs
-    (``PROX_REACH``) and held, the zero pattern frozen for the last ``budget.finetune`` epochs
-    while the survivors recover. The
-    prox leaves exact zeros, which ``gp.compress`` removes."""
-    assert isinstance(knob, dict)
-    data, model = load_task(task, seed), new_model(task, seed)
-    hierarchy = gp.hierarchy.resnet(model)
-    penalties = {"base_level": gp.GroupLasso(0.0), "layer": gp.GroupLasso(0.0)}
+def _prox_optimizer(
+    kind: str, model: nn.Module, lam: float, *, stream: bool = False
+) -> tuple[gp.ProxSGD | gp.ProxAdam, float]:
+    """ProxSGD with dense-sgd's settings or ProxAdam with dense-adamw's, group lasso ``lam`` on
+    filters and ``LAYER_RATIO·lam`` on residual branches (and on residual-stream channels with
+    ``stream``); and its peak learning rate."""
+    penalties = {"base_level": gp.GroupLasso(lam), "layer": gp.GroupLasso(LAYER_RATIO * lam)}
+    if stream:
+        penalties["stream"] = gp.GroupLasso(LAYER_RATIO * lam)
+    hierarchy = gp.hierarchy.resnet(model, stream=stream)
     if kind == "sgd":
-        lr = SGD_LR
-        opt = gp.ProxSGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM, weight_decay=SGD_WD,
-                         hierarchy=hierarchy, penalties=penalties)  # fmt: skip
-    else:
-        lr = ADAMW_LR
-        opt = gp.ProxAdam(model.parameters(), lr=lr, weight_decay=ADAMW_WD, hierarchy=hierarchy,
-                          penalties=penalties)  # fmt: skip
+        opt = gp.ProxSGD(model.parameters(), lr=SGD_LR, momentum=SGD_MOMENTUM,
+                         weight_decay=SGD_WD, hierarchy=hierarchy, penalties=penalties)  # fmt: skip
+        return opt, SGD_LR
+    opt = gp.ProxAdam(model.parameters(), lr=ADAMW_LR, weight_decay=ADAMW_WD, hierarchy=hierarchy,
+                      penalties=penalties)  # fmt: skip
+    return opt, ADAMW_LR
+
+
+def run_prox(task: str, kind: str, knob: Knob, seed: int, budget: Budget) -> Row:
+    """The default path: ProxSGD (momentum 0.9) or ProxAdam under one OneCycle schedule over all
+    epochs, group lasso on every filter and branch, its λ steered by
+    ``gp.SparsityTarget(opt, params=knob, model=model)`` so that ``gp.compress`` removes the
+    share ``knob`` of the parameters: warm-up for the first epoch, the target reached at
+    ``PROX_REACH`` of the sparse epochs and held, the zero pattern frozen for the last
+    ``budget.finetune`` epochs while the survivors recover."""
+    assert isinstance(knob, float)
+    return _run_steered(task, kind, seed, budget, f"prox-{kind}", knob, params=knob)
+
+
+def run_prox_stream(task: str, knob: Knob, seed: int, budget: Budget) -> Row:
+    """As ``prox-sgd``, with the hierarchy's residual-stream level
+    (``gp.hierarchy.resnet(model, stream=True)``), its groups penalised as the branches."""
+    assert isinstance(knob, float)
+    return _run_steered(task, "sgd", seed, budget, "prox-stream", knob, params=knob, stream=True)
+
+
+def run_prox_uniform(task: str, knob: Knob, seed: int, budget: Budget) -> Row:
+    """As ``prox-sgd``, with level fractions of zero groups (``knob``) and
+    ``selection="uniform"``: the penalty acts only on the groups the schedule wants zero, the
+    smallest of each conv (per-layer magnitude selection)."""
+    assert isinstance(knob, dict)
+    return _run_steered(task, "sgd", seed, budget, "prox-uniform", knob, targets=knob,
+                        selection="uniform")  # fmt: skip
+
+
+def _run_steered(
+    task: str,
+    kind: str,
+    seed: int,
+    budget: Budget,
+    name: str,
+    knob: Knob,
+    *,
+    stream: bool = False,
+    **target_kw: Any,
+) -> Row:
+    data, model = load_task(task, seed), new_model(task, seed)
+    opt, lr = _prox_optimizer(kind, model, 1.0, stream=stream)
     sched = _one_cycle(opt, lr, budget.epochs, data)
     steps = data.steps_per_epoch
+    if "params" in target_kw:  # what compress removes is measured on the model
+        target_kw["model"] = model
     target = gp.SparsityTarget(
         opt,
-        knob,
         warmup_steps=steps,
         reach_step=max(2 * steps, round(PROX_REACH * budget.sparse * steps)),
         freeze_step=budget.sparse * steps,
+        **target_kw,
     )
     times = train(model, data, budget.epochs, opt, sched, seed=seed, after_step=target.step,
-                  desc=f"prox-{kind}")  # fmt: skip
-    return measure(f"prox-{kind}", knob, seed, compressed(model, data), data, times)
+                  desc=name)  # fmt: skip
+    return measure(name, knob, seed, compressed(model, data), data, times)
+
+
+def run_prox_fixed(task: str, knob: Knob, seed: int, budget: Budget) -> Row:
+    """ProxSGD with one fixed λ on every group from the first step, ``gp.prox_lambda(knob,
+    momentum=0.9)`` (the seed's in-loss λ ``knob`` translated), for the sparse epochs; then the
+    zero pattern is frozen and the survivors train on, unpenalised."""
+    assert isinstance(knob, float)
+    data, model = load_task(task, seed), new_model(task, seed)
+    opt, lr = _prox_optimizer("sgd", model, gp.prox_lambda(knob, momentum=SGD_MOMENTUM))
+    sched = _one_cycle(opt, lr, budget.epochs, data)
+    freeze_at, taken = budget.sparse * data.steps_per_epoch, 0
+
+    def after_step() -> None:
+        nonlocal taken
+        taken += 1
+        if taken == freeze_at:
+            for pen in opt.penalties.values():
+                pen.lam = 0.0
+            opt.freeze_zero_groups()
+
+    times = train(model, data, budget.epochs, opt, sched, seed=seed, after_step=after_step,
+                  desc="prox-fixed")  # fmt: skip
+    return measure("prox-fixed", knob, seed, compressed(model, data), data, times)
 
 
 # ---------------------------------------------------------------- registry
@@ -540,11 +612,14 @@ def _prox_method(kind: str) -> Method:
 
 METHODS["prox-sgd"] = _prox_method("sgd")
 METHODS["prox-adam"] = _prox_method("adam")
+METHODS["prox-fixed"] = run_prox_fixed
+METHODS["prox-uniform"] = run_prox_uniform
+METHODS["prox-stream"] = run_prox_stream
 
 
 # ---------------------------------------------------------------- report
 
-TARGETS = (0.5, 0.7, 0.9)
+TARGETS = (0.5, 0.7, 0.9, 0.95)
 
 
 @dataclass
@@ -571,14 +646,21 @@ def points(rows: list[Row], task: str) -> list[Point]:
     return list(out.values())
 
 
+# A setting within this many points of a target counts as reaching it (a target of 50% landing
+# on 51.1% because the last filters removed were large ones).
+REACH_TOLERANCE = 0.02
+
+
 def interpolate(pts: list[Point], target: float) -> float:
     """Mean accuracy at ``target`` parameters removed, linearly interpolated between the method's
-    settings; NaN outside the range they cover."""
+    settings (the end setting's accuracy within ``REACH_TOLERANCE`` beyond them); NaN further
+    out."""
     xs = np.array([p.mean("params_removed") for p in pts])
     ys = np.array([p.mean("accuracy") for p in pts])
     order = np.argsort(xs)
     xs, ys = xs[order], ys[order]
-    if len(xs) == 0 or target < xs[0] - 1e-9 or target > xs[-1] + 1e-9:
+    tol = REACH_TOLERANCE + 1e-9
+    if len(xs) == 0 or target < xs[0] - tol or target > xs[-1] + tol:
         return math.nan
     return float(np.interp(target, xs, ys))
 
@@ -636,26 +718,33 @@ def write(rows: list[Row], args: argparse.Namespace, seconds: float) -> str:
             )
         sparse = sorted({p.method for p in pts if not p.method.startswith("dense")},
                         key=list(METHODS).index)  # fmt: skip
+        compare = "prox-sgd" in sparse and "seed" in sparse
         dense_txt = ", ".join(
             f"{p.method} {_pct(p.mean('accuracy'), 2)}" for p in pts if p.method.startswith("dense")
         )
         lines += [
             "",
             f"Accuracy (%) at fixed parameters removed, interpolated linearly along each method's "
-            f"curve (mean over seeds; — where the method's settings do not reach that point). "
+            f"curve (mean over seeds; a setting within {100 * REACH_TOLERANCE:.0f} points of the "
+            f"point counts; — where none does). "
             f"Dense: {dense_txt or '—'}.",
             "",
-            "| params removed | " + " | ".join(sparse) + " | best |",
-            "|---:|" + "---:|" * len(sparse) + "---|",
+            "| params removed | "
+            + " | ".join(sparse)
+            + " | best |"
+            + (" prox-sgd − seed |" if compare else ""),
+            "|---:|" + "---:|" * len(sparse) + "---|" + ("---:|" if compare else ""),
         ]
         for target in TARGETS:
             accs = {m: interpolate([p for p in pts if p.method == m], target) for m in sparse}
             reached = {m: a for m, a in accs.items() if not math.isnan(a)}
             best = max(reached, key=reached.__getitem__) if reached else "—"
+            gap = accs["prox-sgd"] - accs["seed"] if compare else math.nan
             lines.append(
                 f"| {100 * target:.0f}% | "
                 + " | ".join(_pct(accs[m], 2) for m in sparse)
                 + f" | {best} |"
+                + (f" {'—' if math.isnan(gap) else f'{100 * gap:+.2f}'} |" if compare else "")
             )
         lines.append("")
     lines += [
@@ -670,12 +759,19 @@ def write(rows: list[Row], args: argparse.Namespace, seconds: float) -> str:
         f"GroupNormPruner (reg {TP_REG:g}, GroupMagnitudeImportance p = 2), one pruning step. "
         "**magnitude** (knob: fraction of each block's inner filters zeroed, smallest L2 norm "
         "first; a block losing all of them loses its branch). "
-        "**prox-sgd / prox-adam** (knob: fractions of zero filters (`base_level`) and zero "
-        "residual branches (`layer`) for `gp.SparsityTarget`): ProxSGD with dense-sgd's "
-        "settings or ProxAdam with dense-adamw's, group lasso on both levels, one OneCycle over "
-        "all epochs; warm-up of one epoch, targets reached halfway through the sparse epochs and "
-        "held, then the zero pattern frozen (`snap`) for the fine-tuning epochs, in which the "
-        "same optimiser trains the survivors.",
+        "**prox-sgd / prox-adam** (knob: the share of the parameters `gp.compress` removes, "
+        "`gp.SparsityTarget(opt, params=knob, model=model)`, the default path): ProxSGD with "
+        "dense-sgd's settings or ProxAdam with dense-adamw's, group lasso on every filter "
+        f"(λ) and residual branch ({LAYER_RATIO:g} λ), one OneCycle over all epochs; warm-up of "
+        f"one epoch, the target reached at {PROX_REACH:g} of the sparse epochs and held, then the "
+        "zero pattern frozen (`snap`) for the fine-tuning epochs, in which the same optimiser "
+        "trains the survivors. **prox-fixed** (knob: the seed's in-loss λ): ProxSGD with the "
+        "fixed λ `gp.prox_lambda(knob, momentum=0.9)` on every group from the first step, the "
+        "zero pattern frozen for the fine-tuning epochs. **prox-uniform** (knob: fractions of "
+        'zero filters and zero branches): as prox-sgd with `selection="uniform"`, which '
+        "penalises only the smallest groups of each conv (the selection before loss-aware "
+        "targets). **prox-stream**: as prox-sgd, with a level of residual-stream channels "
+        "(`gp.hierarchy.resnet(model, stream=True)`) penalised as the branches.",
         "",
         f"Produced by `{f'python benchmarks/frontier.py {args.command}'.rstrip()}` in "
         f"{seconds / 60:.1f} min.",
@@ -767,7 +863,7 @@ def run_all(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed, few epochs")
-    parser.add_argument("--seeds", type=int, default=None, help="default: 3, or 1 with --quick")
+    parser.add_argument("--seeds", type=int, default=None, help="default: 5, or 1 with --quick")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
                         help=f"any of {', '.join(METHODS)}")  # fmt: skip
@@ -782,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown or unavailable methods {unknown}; available: {list(METHODS)}")
     if args.seeds is None:
-        args.seeds = 1 if args.quick else 3
+        args.seeds = 1 if args.quick else 5
     start = time.perf_counter()
     budgets = QUICK_BUDGET if args.quick else FULL_BUDGET
     rows = run_all(args.tasks, args.methods, args.seeds, budgets, args.jobs)

@@ -8,12 +8,14 @@ from . import (
 )
 from .compression import (
     CompressionReport,
+    Removable,
     compress,
     compression_report,
     load_compressed,
+    removable,
     save_compressed,
 )
-from .config import from_config
+from .config import from_config, prox_lambda
 from .hierarchy import Hierarchy
 from .optim import ProxAdam, ProxSGD
 from .penalties import (
@@ -47,6 +49,7 @@ __all__ = [
     "Penalty",
     "ProxAdam",
     "ProxSGD",
+    "Removable",
     "SparseGroupLasso",
     "SparsityReport",
     "SparsityTarget",
@@ -60,5 +63,7 @@ __all__ = [
     "hierarchy",
     "load_compressed",
     "penalties",
+    "prox_lambda",
+    "removable",
     "save_compressed",
 ]

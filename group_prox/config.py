@@ -25,6 +25,13 @@ L1 or sum      L0, L0approx    ``GroupL0(λ, weight="size")``: ``λ Σ_g n_g [x_
 are the count itself, per group (the number of scalars in non-zero groups), whose exact prox is a
 hard threshold. ``(L2, L1)``, ``(L2, L0)`` (no closed-form prox) and ``inner_norm="none"`` (it
 contributed nothing) are rejected.
+
+The earlier project's λ were *in-loss* λ: the penalty's gradient went through SGD's momentum
+buffer, which multiplies a steady push by ``1/(1 - momentum)``, while the optimizers here apply
+the prox once per step with step size ``lr``, outside the buffer. The same objective therefore
+needs a larger λ here: ``from_config(..., momentum=0.9)`` multiplies every λ by
+:func:`prox_lambda`'s factor ``(1 - dampening) / (1 - momentum)`` (10 for 0.9); its docstring
+derives it.
 """
 
 from __future__ import annotations
@@ -40,8 +47,9 @@ import numpy as np
 from .hierarchy.core import Hierarchy
 from .penalties import L1, GroupDecay, GroupL0, GroupLasso, Penalty, SparseGroupLasso
 from .prox import GLOBAL
+from .validation import check_bool, check_fraction, check_real
 
-__all__ = ["from_config"]
+__all__ = ["from_config", "prox_lambda"]
 
 _KEYS = ("type", "groups", "norm", "inner_norm", "lambda", "children")
 _TYPES = ("global", "layerwise", "hierarchical")
@@ -77,7 +85,11 @@ def _quote(node: Any) -> str:
 
 
 def from_config(
-    config: Mapping[str, Any] | Sequence[Mapping[str, Any]], hierarchy: Hierarchy
+    config: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    hierarchy: Hierarchy,
+    *,
+    momentum: float | None = None,
+    dampening: float = 0.0,
 ) -> dict[str, Penalty]:
     """The ``penalties`` mapping for :class:`~group_prox.ProxSGD`/:class:`~group_prox.ProxAdam`
     that a configuration of the earlier project describes, on the levels of ``hierarchy``.
@@ -87,6 +99,14 @@ def from_config(
             ``children``), or a list of nodes read as one ``hierarchical`` container.
         hierarchy: the hierarchy whose levels the nodes' ``groups`` name (``"blocks"`` also
             names a level ``"block"`` and vice versa).
+        momentum, dampening: the ``torch.optim.SGD`` momentum and dampening that the config's
+            λ were tuned with, the penalty being in the loss. Given, every λ becomes
+            ``prox_lambda(λ, momentum=momentum, dampening=dampening)``, i.e. is multiplied by
+            ``(1 - dampening) / (1 - momentum)`` (10 for ``momentum=0.9``), so that
+            :class:`~group_prox.ProxSGD` has the fixed points the in-loss training had (see
+            :func:`prox_lambda`; Nesterov momentum has the same factor). ``None`` (default): the
+            λ are used as they are, which is right for plain SGD (``momentum=0``), and a
+            starting point for :class:`~group_prox.ProxAdam`, for which no factor exists.
 
     Node semantics:
 
@@ -110,11 +130,22 @@ def from_config(
         ValueError: a node with an unknown key, type, norm, level or a meaningless combination;
             the message quotes the node and lists what is allowed.
         TypeError: a node that is not a mapping, or a ``lambda`` that is not a number.
+        ValueError, TypeError: ``momentum`` outside ``[0, 1)``, ``dampening`` outside ``[0, 1)``,
+            or a non-zero ``dampening`` without ``momentum``.
     """
     if not isinstance(hierarchy, Hierarchy):
         raise TypeError(
             f"from_config(): hierarchy must be a group_prox.Hierarchy, got {type(hierarchy).__name__}."
         )
+    if momentum is None:
+        if check_fraction(dampening, "from_config()", "dampening") != 0:
+            raise ValueError(
+                f"from_config(): dampening={dampening!r} was given without momentum; give the "
+                "momentum the config's λ were tuned with (dampening only acts with momentum)."
+            )
+        factor = 1.0
+    else:
+        factor = _momentum_factor(momentum, dampening, False, "from_config()")
     slots: dict[str, _Slot] = {}
     if isinstance(config, Sequence) and not isinstance(config, (str, bytes)):
         for i, node in enumerate(config):
@@ -122,7 +153,94 @@ def from_config(
     else:
         _visit(config, "config", None, hierarchy, slots)
     order = [*hierarchy.level_names, GLOBAL]
-    return {level: _penalty(level, slots[level]) for level in order if level in slots}
+    return {level: _penalty(slots[level], factor) for level in order if level in slots}
+
+
+def prox_lambda(
+    in_loss_lambda: float, *, momentum: float, dampening: float = 0.0, nesterov: bool = False
+) -> float:
+    r"""The λ for :class:`~group_prox.ProxSGD` that does what ``in_loss_lambda`` did when the
+    penalty was added to the loss and trained with ``torch.optim.SGD(momentum=momentum,
+    dampening=dampening, nesterov=nesterov)`` at the same ``lr``:
+
+    .. math:: \lambda_{\text{prox}} = \frac{1 - d}{1 - \beta}\,\lambda_{\text{loss}}
+              \qquad (\beta = \text{momentum},\ d = \text{dampening};\ \text{factor 1 when }
+              \beta = 0).
+
+    ========================  ======  ====  ====  =====  ====  =====
+    momentum β                0       0.5   0.8   0.9    0.95  0.99
+    factor (d = 0, Nesterov)  1       2     5     10     20    100
+    ========================  ======  ====  ====  =====  ====  =====
+
+    With ``dampening=momentum`` (the buffer is then an average) the factor is 1.
+
+    **Derivation.** ``torch.optim.SGD`` keeps ``b ← β b + (1-d) g`` and steps
+    ``x ← x - lr·b`` (Nesterov, which torch allows only with ``d = 0``: ``x ← x - lr (g + β b)``;
+    with ``β = 0`` there is no buffer and ``d`` is ignored). Under a steady gradient ``g`` and a
+    constant ``lr``, ``b → (1-d) g / (1-β)``, so both variants move ``x`` by ``α g`` per step
+    with ``α = lr (1-d) / (1-β)`` (Nesterov: ``lr (1 + β/(1-β)) = lr / (1-β)``). In the loss,
+    the penalty's (sub)gradient ``λ ∂Ω`` rides in the buffer and moves a group by ``α λ ∂Ω``
+    per step (``α λ w`` for a group lasso group). ``ProxSGD`` runs the same update on the
+    loss's gradient ``∇f`` alone and then applies ``prox_{η λ Ω}`` with ``η = lr``, whatever
+    the momentum, dampening or Nesterov: the buffer never sees the penalty, so the prox
+    shrinks by ``lr λ w`` per step. Exactly, at a fixed point ``(x*, b*)`` of ``ProxSGD``,
+    ``b* = (1-d) ∇f(x*) / (1-β)`` and
+
+    .. math:: x^* = \operatorname{prox}_{\text{lr}\,\lambda\Omega}\bigl(x^* - \alpha\nabla
+              f(x^*)\bigr) \iff 0 \in \nabla f(x^*) + \tfrac{1-\beta}{1-d}\,\lambda\,
+              \partial\Omega(x^*)
+
+    (convex Ω), while the fixed points of SGD with momentum on ``f + λ Ω`` are the stationary
+    points of ``f + λ Ω`` whatever β and d. So ``ProxSGD`` at ``λ`` has the fixed points of the
+    in-loss training at ``λ (1-β)/(1-d)``; for one group lasso group under ``f = ½‖x - c‖²``
+    the group ends exactly zero iff ``‖c‖ ≤ λ (1-β)/(1-d)`` (``tests/test_lambda_scale.py``
+    checks these). The prox's threshold ``lr λ_prox`` equals ``α λ_loss``: for any penalty
+    linear in λ (``GroupL0`` included, whose fixed points depend on the step) the translated
+    ``ProxSGD`` has the fixed points of momentum-free proximal gradient with step ``α`` on
+    ``f + λ_loss Ω``. Away from a steady state (a changing ``lr``, the first steps: torch's
+    first step sets ``b = g`` undampened) the correspondence holds on average over the
+    buffer's memory of about ``1/(1-β)`` steps.
+
+    **ProxAdam has no such factor.** Adam's first moment is an average (``m̂ → g``, no
+    ``1/(1-β₁)`` gain), and its update ``lr·m̂/(√v̂+ε)`` does not scale with the gradient, while
+    an in-loss λ is compared with the gradient's scale (a group lasso group stays at zero iff
+    ``‖∇f_g‖ ≤ λ``). With ``prox_metric="lr"`` it stays at zero iff ``‖m̂/(√v̂+ε)‖ ≤ λ``, under
+    a steady gradient about ``√(scalars in the group) ≤ λ`` whatever the gradient's scale. With
+    ``prox_metric="preconditioner"`` (step ``lr / mean(√v̂+ε)``) the fixed point solves
+    ``D⁻¹∇f + λ ∂Ω / mean(D) ∋ 0``, ``D = √v̂+ε``: the in-loss condition with the same λ
+    where ``D`` is even over the prox's tree (for a lone group, the group), not otherwise. Tune ProxAdam's λ afresh (e.g. with
+    :class:`~group_prox.SparsityTarget`).
+
+    Args:
+        in_loss_lambda: the λ that was added to the loss (finite, ``>= 0``).
+        momentum: SGD's momentum β, in ``[0, 1)``.
+        dampening: SGD's dampening d, in ``[0, 1)``.
+        nesterov: whether SGD used Nesterov momentum (same factor; needs ``momentum > 0`` and
+            ``dampening == 0``, as torch does).
+
+    Raises:
+        TypeError: an argument that is not a real number (``nesterov``: not a bool).
+        ValueError: an argument out of its range, or Nesterov with ``momentum == 0`` or a
+            non-zero ``dampening``.
+    """
+    lam = check_real(in_loss_lambda, "prox_lambda()", "in_loss_lambda")
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"prox_lambda(): in_loss_lambda must be finite and >= 0, got {lam!r}.")
+    return lam * _momentum_factor(momentum, dampening, nesterov, "prox_lambda()")
+
+
+def _momentum_factor(momentum: object, dampening: object, nesterov: object, owner: str) -> float:
+    """``(1 - dampening) / (1 - momentum)``, 1 without momentum; arguments checked."""
+    beta = check_fraction(momentum, owner, "momentum")
+    damp = check_fraction(dampening, owner, "dampening")
+    if check_bool(nesterov, owner, "nesterov") and (beta == 0 or damp != 0):
+        raise ValueError(
+            f"{owner}: nesterov=True needs momentum > 0 and dampening == 0 (as in "
+            f"torch.optim.SGD), got momentum={beta!r}, dampening={damp!r}."
+        )
+    if beta == 0:
+        return 1.0  # torch.optim.SGD keeps no buffer and ignores dampening
+    return (1.0 - damp) / (1.0 - beta)
 
 
 def _visit(
@@ -294,8 +412,8 @@ def _add(
     slot.nodes.append(where)
 
 
-def _penalty(level: str, slot: _Slot) -> Penalty:
-    lam, groups = slot.lam, slot.groups
+def _penalty(slot: _Slot, factor: float) -> Penalty:
+    lam, groups = {kind: value * factor for kind, value in slot.lam.items()}, slot.groups
     if set(lam) == {"l1", "lasso"}:
         total = lam["l1"] + lam["lasso"]
         return SparseGroupLasso(total, lam["l1"] / total, weight=1.0, groups=groups)

@@ -111,13 +111,20 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
     targets: dict[str, float] | None = None,
+    params: float | None = None,
 ) -> DemoResult:
     """Train, with group lasso on every filter (``base_level``) and every residual branch
     (``layer``), and return the test accuracy and the sparsity report.
 
     With ``targets`` (e.g. ``{"base_level": 0.6, "layer": 0.25}``) the λs are not fixed but
     steered by a :class:`~group_prox.SparsityTarget`: one epoch of warm-up, the fractions reached
-    at 60% of the epochs and held, the zero pattern frozen for the last 20%."""
+    at 60% of the epochs and held, the zero pattern frozen for the last 20%. With ``params`` (e.g.
+    0.7) the same schedule steers the share of the parameters :func:`~group_prox.compress`
+    removes, the filters' λ five times the branches' (``lam_filter``/``lam_layer`` set only that
+    ratio then)."""
+    if targets is not None and params is not None:
+        raise ValueError("run_demo(): give targets or params, not both.")
+    steered = targets is not None or params is not None
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = load_digits_tensors(seed)
     model = digits_resnet18()
@@ -129,8 +136,8 @@ def run_demo(
         weight_decay=0.0,
         hierarchy=hierarchy,
         penalties={
-            "base_level": gp.GroupLasso(0.0 if targets else lam_filter),
-            "layer": gp.GroupLasso(0.0 if targets else lam_layer),
+            "base_level": gp.GroupLasso(lam_filter),
+            "layer": gp.GroupLasso(lam_layer),
         },
     )
     steps_per_epoch = (len(y_train) + batch_size - 1) // batch_size
@@ -139,11 +146,13 @@ def run_demo(
         gp.SparsityTarget(
             opt,
             targets,
+            params=params,
+            model=model if params is not None else None,
             warmup_steps=steps_per_epoch,
             reach_step=max(steps_per_epoch + 1, round(0.6 * total_steps)),
             freeze_step=max(steps_per_epoch + 1, round(0.8 * total_steps)),
         )
-        if targets
+        if steered
         else None
     )
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -173,7 +182,7 @@ def run_demo(
     seconds = time.perf_counter() - start
     return DemoResult(
         evaluate(model, x_test, y_test),
-        opt.get_sparsity_report(),
+        opt.get_sparsity_report(model),
         model,
         hierarchy,
         seconds,
@@ -211,14 +220,29 @@ def main(argv: list[str] | None = None) -> int:
         help="ask for these fractions of zero filters and zero branches (gp.SparsityTarget) "
         "instead of fixed λs, e.g. --target 0.6 0.25",
     )
+    parser.add_argument(
+        "--params",
+        type=float,
+        metavar="SHARE",
+        help="ask for this share of the parameters removed by compress (gp.SparsityTarget) "
+        "instead of fixed λs, e.g. --params 0.7",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     targets = (
         {"base_level": args.target[0], "layer": args.target[1]} if args.target is not None else None
     )
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if targets is not None and args.params is not None:
+        parser.error("give --target or --params, not both")
     result = run_demo(
-        args.epochs, args.lr, args.lam_filter, args.lam_layer, seed=args.seed, targets=targets
+        args.epochs,
+        args.lr,
+        args.lam_filter,
+        args.lam_layer,
+        seed=args.seed,
+        targets=targets,
+        params=args.params,
     )
     print(f"\ntest accuracy: {result.accuracy:.4f}   training time: {result.seconds:.0f} s\n")
     print(result.report)

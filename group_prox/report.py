@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +19,9 @@ from .sharding import Sharding
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+
+    from .compression.removable import Removable
+    from .inputs import ExampleInputs
 
 __all__ = ["LevelSparsity", "SparsityReport", "TensorSparsity", "get_sparsity_report"]
 
@@ -72,6 +75,10 @@ class SparsityReport:
         total_params: scalars in all parameters of the model (or optimizer).
         zero_params: scalars among them that are exactly 0.0.
         structured_zero_params: scalars inside a zero group of some level (removable structure).
+        removable: what :func:`~group_prox.compress` would remove now (the same planner), when
+            the report was asked for with the model (``opt.get_sparsity_report(model)``); not
+            every zero group is removable (a zero filter writing into a residual stream stays
+            while other layers write that channel).
     """
 
     levels: dict[str, LevelSparsity]
@@ -79,6 +86,7 @@ class SparsityReport:
     total_params: int
     zero_params: int
     structured_zero_params: int
+    removable: Removable | None = None
 
     @property
     def zero_fraction(self) -> float:
@@ -86,8 +94,21 @@ class SparsityReport:
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict of everything in the report."""
-        out = asdict(self)
+        found = self.removable
+        out = asdict(replace(self, removable=None))
         out["zero_fraction"] = self.zero_fraction
+        out["removable"] = (
+            None
+            if found is None
+            else {
+                "params": found.params,
+                "params_left": found.params_left,
+                "params_removed": found.params_removed,
+                "flops": found.flops,
+                "flops_left": found.flops_left,
+                "flops_removed": found.flops_removed,
+            }
+        )
         return out
 
     def to_markdown(self) -> str:
@@ -103,7 +124,8 @@ class SparsityReport:
         lines += [
             "",
             f"Exact zeros: {self.zero_params} of {self.total_params} parameters "
-            f"({100 * self.zero_fraction:.1f}%); {self.structured_zero_params} inside zero groups.",
+            f"({100 * self.zero_fraction:.1f}%); {self.structured_zero_params} inside zero groups."
+            + (f" {self._removable_line()}." if self.removable is not None else ""),
             "",
             "| tensor | shape | zero units |",
             "| --- | --- | ---: |",
@@ -112,12 +134,25 @@ class SparsityReport:
             lines.append(f"| {t.name} | {tuple(t.shape)} | {t.zero_units}/{t.units} |")
         return "\n".join(lines) + "\n"
 
+    def _removable_line(self) -> str:
+        found = self.removable
+        assert found is not None
+        line = (
+            f"compress removes {found.params - found.params_left:,} of {found.params:,} "
+            f"parameters ({100 * found.params_removed:.1f}%)"
+        )
+        if found.flops_removed is not None:
+            line += f" and {100 * found.flops_removed:.1f}% of the FLOPs"
+        return line
+
     def __str__(self) -> str:
         out = [
             f"Sparsity report: {self.zero_params:,} of {self.total_params:,} parameters exactly zero "
             f"({100 * self.zero_fraction:.1f}%)",
-            f"{'level':<14}{'zero groups':>24}{'zero params':>34}",
         ]
+        if self.removable is not None:
+            out.append(self._removable_line())
+        out.append(f"{'level':<14}{'zero groups':>24}{'zero params':>34}")
         for name, lv in self.levels.items():
             pct = 100 * lv.zero_params / lv.params if lv.params else 0.0
             groups = f"{lv.zero_groups}/{lv.groups} ({100 * lv.group_fraction:.1f}%)"
@@ -264,8 +299,17 @@ def _sharded_counts(
     return int(counts[n:].sum()), masks, zero_numel
 
 
-def get_sparsity_report(model: nn.Module, hierarchy: Hierarchy) -> SparsityReport:
-    """The :class:`SparsityReport` of ``model`` for the groups of ``hierarchy``."""
+def get_sparsity_report(
+    model: nn.Module,
+    hierarchy: Hierarchy,
+    *,
+    removable: bool = False,
+    example_inputs: ExampleInputs | None = None,
+) -> SparsityReport:
+    """The :class:`SparsityReport` of ``model`` for the groups of ``hierarchy``; with
+    ``removable=True`` also what :func:`~group_prox.compress` would remove now
+    (:func:`~group_prox.removable`; ``example_inputs`` as there, and its FLOPs are counted when
+    given)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
     if not isinstance(hierarchy, Hierarchy):
@@ -280,4 +324,22 @@ def get_sparsity_report(model: nn.Module, hierarchy: Hierarchy) -> SparsityRepor
             f"get_sparsity_report(): the hierarchy holds parameters that are not parameters of "
             f"model: {foreign}. Build the hierarchy from this model."
         )
-    return build_report(hierarchy, params)
+    report = build_report(hierarchy, params)
+    if removable:
+        report = with_removable(report, model, hierarchy, example_inputs)
+    return report
+
+
+def with_removable(
+    report: SparsityReport,
+    model: nn.Module,
+    hierarchy: Hierarchy,
+    example_inputs: ExampleInputs | None,
+) -> SparsityReport:
+    """``report`` with its :attr:`~SparsityReport.removable` filled in."""
+    from .compression.removable import removable as find_removable  # compression imports us
+
+    found = find_removable(
+        model, hierarchy, example_inputs=example_inputs, flops=example_inputs is not None
+    )
+    return replace(report, removable=found)

@@ -26,3 +26,16 @@ def train_steps(opt: torch.optim.Optimizer, loss: Callable[[], torch.Tensor], st
         opt.zero_grad()
         loss().backward()
         opt.step()
+
+
+@torch.no_grad()
+def randomise_bn(model: nn.Module, gen: torch.Generator) -> nn.Module:
+    """Trained-looking BatchNorms: equivalence must not rely on the default μ = 0, σ = 1. Returns
+    the model in eval mode."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+    return model.eval()

@@ -159,6 +159,37 @@ def prox_norm_brute(r: float, eta: float, penalty, points: int = 2001, rounds: i
     return best
 
 
+def mcp_prox_norm(r, eta: float, lam_w: float, gamma: float) -> np.ndarray:
+    """The closed-form prox of MCP on norms ``r``: ρ = argmin ½(ρ − r)² + η·MCP(ρ), written from
+    the firm threshold of Breheny and Huang (η < γ, τ = ηλw): 0 up to τ, (r − τ)/(1 − η/γ) up to
+    the knee γλw, then r; for η ≥ γ the hard threshold: r if r > sqrt(ηγ)·λw, else 0."""
+    r = np.asarray(r, dtype=np.float64)
+    tau = eta * lam_w
+    if eta < gamma:
+        ramp = (r - tau) / (1.0 - eta / gamma)
+        return np.where(r <= tau, 0.0, np.where(r <= gamma * lam_w, ramp, r))
+    return np.where(r > math.sqrt(eta * gamma) * lam_w, r, 0.0)
+
+
+def scad_prox_norm(r, eta: float, lam_w: float, a: float) -> np.ndarray:
+    """The closed-form prox of SCAD on norms ``r`` (c = λw, τ = ηc). For η < a − 1 (Fan and Li's
+    a > 2 at η = 1): the soft threshold max(r − τ, 0) up to c + τ, ((a − 1)r − aτ)/(a − 1 − η) up
+    to a·c, then r. For η ≥ a − 1: the better of ρ₁ = min(max(r − τ, 0), c) and (if r > a·c) r,
+    a tie taking ρ₁."""
+    r = np.asarray(r, dtype=np.float64)
+    c, tau = lam_w, eta * lam_w
+    if eta < a - 1.0:
+        middle = ((a - 1.0) * r - a * tau) / (a - 1.0 - eta)
+        return np.where(r <= c + tau, np.maximum(r - tau, 0.0), np.where(r <= a * c, middle, r))
+    rho1 = np.minimum(np.maximum(r - tau, 0.0), c)
+    f1 = 0.5 * (rho1 - r) ** 2 + eta * scad_penalty(rho1, lam_w, a)
+    f3 = eta * (a + 1.0) * c**2 / 2.0
+    return np.where((r > a * c) & (f3 < f1), r, rho1)
+
+
+NORM_PROXES = {"mcp": mcp_prox_norm, "scad": scad_prox_norm}
+
+
 @dataclass
 class RefNormPenalty:
     kind: str  # "mcp" | "scad" | "logsum"

@@ -1070,18 +1070,32 @@ def test_target_level_without_a_group_lasso(pen, lam):
     model, opt = _target_optimizer(pens)
     snap = Snapshot(model, opt)
     with pytest.raises(
-        ValueError, match=r"level 'layer' needs a GroupLasso or SparseGroupLasso penalty"
+        ValueError, match=r"level 'layer' needs a GroupLasso, SparseGroupLasso, GroupMCP"
     ):
         gp.SparsityTarget(opt, {"row": 0.5, "layer": 0.5}, reach_step=5)
     assert snap.unchanged()
 
 
 @FEW
-@given(targets=st.sampled_from([None, {}, [("row", 0.5)], "row", 0.5]))
+@given(targets=st.sampled_from([{}, [("row", 0.5)], "row", 0.5]))
 def test_target_targets_of_the_wrong_type(targets):
     _, opt = _target_optimizer()
     with pytest.raises(TypeError, match="targets must be a non-empty mapping"):
         gp.SparsityTarget(opt, targets, reach_step=5)
+
+
+@FEW
+@given(
+    kwargs=st.sampled_from(
+        [{}, {"params": 0.5, "flops": 0.5}, {"targets": {"row": 0.5}, "params": 0.5}]
+    )
+)
+def test_target_needs_exactly_one_kind_of_target(kwargs):
+    model, opt = _target_optimizer()
+    snap = Snapshot(model, opt)
+    with pytest.raises(ValueError, match="give exactly one target"):
+        gp.SparsityTarget(opt, reach_step=5, model=model, **kwargs)
+    assert snap.unchanged()
 
 
 @FEW
@@ -1116,12 +1130,14 @@ def test_target_reach_step_not_after_warmup(warmup, back):
             (dict(lookahead=-1), ValueError, "lookahead must be at least 0"),
             (dict(gain=0.0), ValueError, "gain must be positive and finite"),
             (dict(gain=math.nan), ValueError, "gain must be positive and finite"),
-            (dict(gain="2"), TypeError, "gain must be a number"),
+            (dict(gain="2"), TypeError, "gain must be a real number"),
             (dict(max_change=math.inf), ValueError, "max_change must be positive and finite"),
             (dict(max_change=-1), ValueError, "max_change must be positive"),
-            (dict(spread=1.5), ValueError, r"spread must be in \[0, 1\]"),
-            (dict(spread=math.nan), ValueError, r"spread must be in \[0, 1\]"),
-            (dict(spread=None), TypeError, "spread must be a number"),
+            (dict(spread=1.5), ValueError, r"spread must be a fraction in \[0, 1\]"),
+            (dict(spread=math.nan), ValueError, r"spread must be a fraction in \[0, 1\]"),
+            (dict(spread=None), TypeError, "spread must be a real number"),
+            (dict(spread=0.5), ValueError, "spread shares zeros between layers"),
+            (dict(selection="magnitude"), ValueError, "selection must be one of"),
             (dict(ramp="exp"), ValueError, "ramp must be one of"),
             (dict(ramp=None), TypeError, "ramp must be one of"),
             (dict(snap=1), TypeError, "snap must be True or False"),
@@ -1162,10 +1178,10 @@ def _target_corruptions() -> list[tuple[str, Callable[[dict], Any], type, str]]:
             "expected the dict returned by SparsityTarget.state_dict",
         ),
         (
-            "no lam",
-            lambda sd: {k: v for k, v in sd.items() if k != "lam"},
+            "no multiplier",
+            lambda sd: {k: v for k, v in sd.items() if k != "multiplier"},
             ValueError,
-            "the state has no 'lam'",
+            "the state has no 'multiplier'",
         ),
         (
             "no settings",
@@ -1179,57 +1195,81 @@ def _target_corruptions() -> list[tuple[str, Callable[[dict], Any], type, str]]:
             ValueError,
             "same settings",
         ),
-        ("negative step", set_key("step_count", -1), ValueError, "step_count must be an int >= 0"),
+        (
+            "another format",
+            set_key("format", "group_prox.sparsity_target/2"),
+            ValueError,
+            "restart the target's schedule",
+        ),
+        ("negative step", set_key("step_count", -1), ValueError, "step_count must be at least 0"),
         ("float step", set_key("step_count", 2.5), TypeError, "step_count must be an int"),
-        ("lam garbage", set_key("lam", [0.1]), TypeError, "lam must be a dict"),
         (
-            "lam of another level",
-            set_key("lam", {"layer": 0.1}),
-            ValueError,
-            r"lam is given for the levels \['layer'\], this controller targets \['row'\]",
-        ),
-        (
-            "negative lam",
-            set_level("lam", "row", -0.5),
-            ValueError,
-            "lam of level 'row': lam must be finite",
-        ),
-        (
-            "str lam",
-            set_level("lam", "row", "0.5"),
+            "multiplier garbage",
+            set_key("multiplier", [0.1]),
             TypeError,
-            "lam of level 'row': lam must be a real number",
+            "multiplier must be a dict",
         ),
         (
-            "fraction",
-            set_level("zero_fraction", "row", 1.5),
+            "multiplier of another level",
+            set_key("multiplier", {"layer": 0.1}),
             ValueError,
-            r"zero_fraction of level 'row' must be a number in \[0, 1\]",
+            r"multiplier is given for \['layer'\], this controller targets \['row'\]",
         ),
         (
-            "fraction garbage",
-            set_level("zero_fraction", "row", None),
+            "negative multiplier",
+            set_level("multiplier", "row", -0.5),
+            ValueError,
+            "multiplier of 'row': lam must be finite",
+        ),
+        (
+            "str multiplier",
+            set_level("multiplier", "row", "0.5"),
             TypeError,
-            "zero_fraction of level 'row' must be a number, got None",
+            "multiplier of 'row': lam must be a real number",
         ),
         (
-            "selected of another size",
-            set_level("selected", "row", torch.zeros(4, dtype=torch.bool)),
+            "measured",
+            set_level("measured", "row", 1.5),
             ValueError,
-            "selected groups of level 'row' must be a bool tensor of 6 entries",
+            r"measured of 'row' must be a fraction in \[0, 1\]",
         ),
         (
-            "selected garbage",
-            set_level("selected", "row", [True] * 6),
+            "forecast garbage",
+            set_level("forecast", "row", None),
             TypeError,
-            "selected groups of level 'row' .*got list",
+            "forecast of 'row' must be a real number, got None",
         ),
         (
-            "family_ref of an unknown level",
-            set_level("family_ref", "nope", torch.ones(1)),
+            "previous norms of another size",
+            set_level("previous", "row", torch.zeros(4)),
             ValueError,
-            r"family_ref is given for the levels",
+            "previous norms of level 'row' must be a float tensor of 6 entries",
         ),
+        (
+            "penalised of another size",
+            set_level("penalised", "row", torch.zeros(4, dtype=torch.bool)),
+            ValueError,
+            "penalised groups of level 'row' must be a bool tensor of 6 entries",
+        ),
+        (
+            "penalised garbage",
+            set_level("penalised", "row", [True] * 6),
+            ValueError,
+            "penalised groups of level 'row' .*got list",
+        ),
+        (
+            "damaged norms",
+            lambda sd: {**sd, "previous": {"row": sd["previous"]["row"] + 1.0}},
+            ValueError,
+            "does not match the checksum",
+        ),
+        (
+            "a uniform selection it lacks",
+            set_level("uniform", "selected/row", torch.zeros(6, dtype=torch.bool)),
+            ValueError,
+            "uniform selection this target lacks",
+        ),
+        ("negative eta_ref", set_key("eta_ref", -1.0), ValueError, "eta_ref must be a number >= 0"),
     ]
 
 

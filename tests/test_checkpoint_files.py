@@ -426,22 +426,22 @@ def _optimizer_state(sd: dict[str, Any]) -> None:
 
 
 TARGET_CASES = [
-    ("optimizer-state", _optimizer_state, ValueError, r"the state has no 'step_count'"),
+    ("optimizer-state", _optimizer_state, ValueError, r"not a SparsityTarget state"),
     (
-        "flip-family-ref",
-        _flip_target("family_ref"),
+        "flip-previous",
+        _flip_target("previous"),
         ValueError,
-        r"family scales of level 'unit' do not match",
+        r"'previous/unit' does not match the checksum",
     ),
     (
-        "flip-selected",
-        _flip_target("selected"),
+        "flip-penalised",
+        _flip_target("penalised"),
         ValueError,
-        r"selected groups of level 'unit' do not match",
+        r"'penalised/unit' does not match the checksum",
     ),
     ("newer-format", _set(("format",), "group_prox.sparsity_target/7"), ValueError, r"format"),
-    ("checksums-removed", _delete("checksums"), TypeError, r"checksums must be a dict"),
-    ("truncated", _delete("lam"), ValueError, r"no 'lam'"),
+    ("checksums-removed", _delete("checksums"), ValueError, r"no 'checksums'"),
+    ("truncated", _delete("multiplier"), ValueError, r"no 'multiplier'"),
     ("other-settings", _set(("settings", "reach_step"), 99), ValueError, r"saved with"),
 ]
 

@@ -14,17 +14,7 @@ import group_prox as gp
 from group_prox.compression.resnet import BlockShortcut
 from group_prox.demo import digits_resnet18
 from group_prox.families.torchvision_resnet import conv_bn_pairs
-
-
-def randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
-    """Trained-looking BatchNorms: equivalence must not rely on the default μ = 0, σ = 1."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+from tests.family_helpers import randomise_bn
 
 
 def kill_filters(model: nn.Module, fraction: float, gen: torch.Generator) -> None:

@@ -138,7 +138,7 @@ def _train(m, opt, target, x, y, lrs):
         nn.functional.cross_entropy(m(x), y).backward()
         opt.step()
         target.step()
-        lams.append(target.lam["unit"])
+        lams.append(target.multiplier["unit"])  # None until calibrated
         zeros.append(int((m[0].weight.detach() == 0).all(1).sum()))
     return lams, zeros
 

@@ -1,6 +1,7 @@
 """GroupMCP, GroupSCAD and GroupLogSum: their closed-form proxes against a brute-force 1-D
-minimisation per group (tests/reference.py), edge values, equivalences with the group lasso,
-ProxSGD on small hierarchies, and the penalties' state, copies and validation."""
+minimisation per group and against NumPy closed forms (tests/reference.py), edge values,
+equivalences with the group lasso, ProxSGD (eager and compiled) and ProxAdam on small
+hierarchies, and the penalties' state, copies and validation."""
 
 from __future__ import annotations
 
@@ -483,3 +484,138 @@ def test_optimizer_checkpoint_copy_and_pickle(kind):
             assert torch.equal(p, q)
     pen = make(kind, 0.3, 1.5)
     assert pickle.loads(pickle.dumps(pen)).state_dict() == pen.state_dict()
+
+
+# ------------------------------------------------- closed forms against their NumPy reference
+def _shape_and_margin(kind: str, eta: float, shape: float) -> float:
+    """How far the 1-D problem is from losing its uniqueness (the denominator of the middle
+    piece, relative), 1 in the hard-threshold regime: the closed form's rounding grows as 1/it."""
+    if kind == "mcp":
+        return 1.0 - eta / shape if eta < shape else 1.0
+    return (shape - 1.0 - eta) / (shape - 1.0) if eta < shape - 1.0 else 1.0
+
+
+@SETTINGS
+@given(data=st.data())
+def test_group_scale_matches_the_numpy_closed_form(data):
+    """``group_scale`` against the firm threshold and the SCAD prox written out in NumPy
+    (tests/reference.py), in both regimes of the step, exact zeros included. Norms at a jump of
+    a hard threshold (where rounding decides) are left out."""
+    kind = data.draw(st.sampled_from(["mcp", "scad"]))
+    shape = data.draw(SHAPES[kind])
+    norms = data.draw(
+        st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 50.0)), min_size=1, max_size=16)
+    )
+    eta = data.draw(st.one_of(st.floats(0.0, 5.0), st.just(shape), st.just(shape - 1.0)))
+    eta = max(eta, 0.0)
+    lam = data.draw(st.floats(0.0, 3.0))
+    w = data.draw(st.sampled_from([1.0, 0.25, math.sqrt(12.0)]))
+    pen = make(kind, lam, shape, weight=w)
+    got, _ = closed_form(pen, norms, eta, w)
+    reference = ref.NORM_PROXES[kind]
+    r = np.asarray(norms, dtype=np.float64)
+    want = reference(r, eta, lam * w, shape)
+    jump = np.abs(
+        reference(r * (1 + 1e-9), eta, lam * w, shape)
+        - reference(r * (1 - 1e-9), eta, lam * w, shape)
+    ) > 1e-6 * (1.0 + r)
+    tol = 1e-12 * (1.0 + r) / max(_shape_and_margin(kind, eta, shape), 1e-300)
+    ok = ~jump
+    np.testing.assert_array_less(np.abs(got - want)[ok], tol[ok] + 1e-300)
+    np.testing.assert_array_equal((got == 0)[ok & (want == 0)], True)
+    if _shape_and_margin(kind, eta, shape) < 1.0 or eta == 0:  # the unique regime
+        above = r > shape * lam * w  # above the knee (MCP) or a·λw (SCAD): not shrunk at all
+        np.testing.assert_array_equal(got[above], r[above])
+
+
+@pytest.mark.parametrize("kind,shape", [("mcp", 2.0), ("scad", 3.0)])
+def test_numpy_closed_forms_are_the_brute_force_minimisers(kind, shape):
+    """The references themselves, on norms through every piece of both regimes of the step."""
+    P = ref.NORM_PENALTIES[kind]
+    penalty = lambda t: P(t, 1.0, shape)  # noqa: E731
+    for eta in (0.5, 1.9, 2.0, 4.0):
+        for r in np.linspace(0.0, 8.0, 81):
+            rho = float(ref.NORM_PROXES[kind](r, eta, 1.0, shape))
+            best = ref.prox_norm_brute(r, eta, penalty)
+            f = float(ref.prox_objective_1d(rho, r, eta, penalty))
+            assert 0.0 <= rho <= r * (1 + 1e-12)
+            assert f <= float(ref.prox_objective_1d(best, r, eta, penalty)) + 1e-12, (eta, r, rho)
+
+
+# ---------------------------------------------------- ProxAdam, the compiled ProxSGD path
+@pytest.mark.parametrize("kind", sorted(CLASSES))
+def test_prox_adam_zeroes_exactly_and_resumes_from_its_state_dict(kind, tmp_path):
+    """Regression onto a linear map with small and large rows: the small units end exactly zero
+    (weight row and bias together), and a saved state dict resumes bit-identically."""
+    shape = {"mcp": 3.0, "scad": 3.7, "logsum": 0.1}[kind]
+    lam = {"mcp": 0.3, "scad": 0.3, "logsum": 0.03}[kind]
+    g = torch.Generator().manual_seed(5)
+    row_norms = torch.tensor([0.01, 0.02, 0.03, 0.05, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    direction = torch.nn.functional.normalize(torch.randn(8, 5, generator=g, dtype=torch.float64))
+    target = direction * row_norms[:, None]
+
+    def run():
+        m, h = _layer(torch.float64)
+        pens = {"unit": make(kind, lam, shape), "layer": make(kind, 1e-4, shape)}
+        return m, gp.ProxAdam(m.parameters(), lr=0.05, hierarchy=h, penalties=pens)
+
+    def train(m, opt, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(n):
+            opt.zero_grad()
+            x = torch.randn(16, 5, generator=g, dtype=torch.float64)
+            (m(x) - x @ target.T).square().sum(dim=1).mean().backward()
+            opt.step()
+
+    m, opt = run()
+    train(m, opt, 150, 0)
+    zero_rows = (m.weight.detach() == 0).all(dim=1)
+    assert zero_rows[:2].all() and not zero_rows[4:].any(), zero_rows
+    # a unit group (a weight row and its bias) is zero as a whole, exactly
+    assert torch.equal(zero_rows, m.bias.detach() == 0)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    saved = torch.load(tmp_path / "opt.pt", weights_only=True)
+    m2, opt2 = run()
+    m2.load_state_dict(m.state_dict())
+    opt2.load_state_dict(saved)
+    train(m, opt, 5, 1)
+    train(m2, opt2, 5, 1)
+    for p, q in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+    # a checkpoint of another penalty kind is refused, naming both kinds
+    m3, h3 = _layer(torch.float64)
+    other = gp.ProxAdam(
+        m3.parameters(),
+        lr=0.05,
+        hierarchy=h3,
+        penalties={"unit": gp.GroupLasso(0.3), "layer": make(kind, 1e-3, shape)},
+    )
+    with pytest.raises(ValueError, match=f"{CLASSES[kind].__name__}.*GroupLasso"):
+        other.load_state_dict(saved)
+
+
+def test_compiled_prox_sgd_equals_eager_with_every_non_convex_penalty():
+    """The compiled path computes the scales from its fused norms with ``group_scale``: the
+    same steps as the eager one, zeros included."""
+
+    def run(compiled):
+        m, h = _layer(torch.float64)
+        pens = {"unit": gp.GroupSCAD(0.3, 3.7), "layer": gp.GroupLogSum(1e-3, 0.5)}
+        opt = gp.ProxSGD(
+            m.parameters(), lr=0.1, momentum=0.9, hierarchy=h, penalties=pens, compiled=compiled
+        )
+        g = torch.Generator().manual_seed(0)
+        for _ in range(12):
+            opt.zero_grad()
+            x = torch.randn(8, 5, generator=g, dtype=torch.float64)
+            (m(x) - 0.3).square().mean().backward()
+            opt.step()
+        return m, opt
+
+    eager, _ = run(False)
+    fused, opt = run(True)
+    assert any(key[0] == "norms" for key in opt._compiled_update._compiled)
+    for p, q in zip(eager.parameters(), fused.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+        assert torch.equal(p == 0, q == 0)
+    assert (fused.weight == 0).all(dim=1).any()

@@ -280,8 +280,9 @@ def test_spread_zero_prunes_every_conv_alike_and_none_is_emptied(digits):
     h = gp.hierarchy.resnet(model)
     opt = _optimizer("sgd", model, h)
     target = gp.SparsityTarget(
-        opt, {"base_level": 0.5}, warmup_steps=2, reach_step=20, freeze_step=24, spread=0.0
-    )
+        opt, {"base_level": 0.5}, warmup_steps=2, reach_step=20, freeze_step=24,
+        selection="uniform", spread=0.0,
+    )  # fmt: skip
     batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 64 * 24, 64)]
     _run(model, opt, target, batches)
     assert opt.frozen
@@ -298,7 +299,7 @@ def test_no_conv_is_emptied_at_high_targets(digits):
     h = gp.hierarchy.resnet(model)
     opt = _optimizer("sgd", model, h)
     target = gp.SparsityTarget(opt, {"base_level": 0.9}, warmup_steps=2, reach_step=20,
-                               freeze_step=24, spread=0.9)  # fmt: skip
+                               freeze_step=24, selection="uniform", spread=0.9)  # fmt: skip
     batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 64 * 24, 64)]
     _run(model, opt, target, batches)
     report = opt.get_sparsity_report()
@@ -346,3 +347,127 @@ def test_group_multipliers_never_overwrite_the_penalty_weights():
     before = w.detach().clone()
     opt.step()
     torch.testing.assert_close(w.detach(), before, rtol=0, atol=0)  # every group exempt
+
+
+def _train_with(model, opt, target, x, y, steps, sched=None, batch=64):
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (batch,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        target.step()
+
+
+def _loss_aware(kind: str, model: nn.Module):
+    h = gp.hierarchy.resnet(model)
+    penalties = {"base_level": gp.GroupLasso(1.0), "layer": gp.GroupLasso(0.2)}
+    if kind == "sgd":
+        return gp.ProxSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4,
+                          hierarchy=h, penalties=penalties)  # fmt: skip
+    return gp.ProxAdam(model.parameters(), lr=2e-3, weight_decay=5e-4, hierarchy=h,
+                       penalties=penalties)  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "share"), [("sgd", 0.5), ("adam", 0.8)])
+def test_a_params_target_is_what_compress_removes(digits, kind, share):
+    x, y, xt, _ = digits
+    model = _narrow_resnet(8)
+    opt = _loss_aware(kind, model)
+    steps = 160
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, opt.param_groups[0]["lr"], total_steps=steps)
+    target = gp.SparsityTarget(opt, params=share, model=model, warmup_steps=10, reach_step=100,
+                               freeze_step=130)  # fmt: skip
+    assert target.lam == {"base_level": 0.0, "layer": 0.0}  # nothing before the ramp
+    _train_with(model, opt, target, x, y, steps, sched)
+    assert opt.frozen and target.phase == "frozen"
+    found = gp.removable(model, opt.hierarchy)
+    assert abs(found.params_removed - share) <= 0.02, found.params_removed
+    assert target.measure()["model"] == pytest.approx(found.params_removed)
+    twin = copy.deepcopy(model)
+    small = gp.compress(twin, gp.hierarchy.resnet(twin))
+    assert sum(p.numel() for p in small.parameters()) == found.params_left
+    model.eval(), small.eval()
+    torch.testing.assert_close(small(xt[:32]), model(xt[:32]))
+
+
+def test_a_flops_target(digits):
+    x, y, *_ = digits
+    model = _narrow_resnet(8)
+    opt = _loss_aware("sgd", model)
+    target = gp.SparsityTarget(opt, flops=0.4, model=model, example_inputs=x[:1],
+                               warmup_steps=10, reach_step=100, freeze_step=130,
+                               update_every=4)  # fmt: skip
+    _train_with(model, opt, target, x, y, 140)
+    found = gp.removable(model, opt.hierarchy, example_inputs=x[:1], flops=True)
+    assert found.flops_removed is not None and abs(found.flops_removed - 0.4) <= 0.05
+
+
+def test_a_zero_learning_rate_neither_stalls_nor_inflates_lambda(digits):
+    # Warm-up from lr = 0 and a paused schedule: the prox cannot act, so λ must not move, and
+    # the target is still reached once the rate returns.
+    x, y, *_ = digits
+    model = _narrow_resnet(8)
+    opt = _loss_aware("sgd", model)
+    target = gp.SparsityTarget(opt, params=0.5, model=model, warmup_steps=5, reach_step=100,
+                               freeze_step=130)  # fmt: skip
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    _train_with(model, opt, target, x, y, 30)
+    assert target.multiplier["model"] is None and target.lam["base_level"] == 0.0
+    for group in opt.param_groups:
+        group["lr"] = 0.1
+    _train_with(model, opt, target, x, y, 30)
+    paused = target.multiplier["model"]
+    assert paused is not None
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    _train_with(model, opt, target, x, y, 20)
+    assert target.multiplier["model"] == paused  # no rise while nothing can happen
+    for group in opt.param_groups:
+        group["lr"] = 0.1
+    _train_with(model, opt, target, x, y, 60)
+    assert abs(gp.removable(model, opt.hierarchy).params_removed - 0.5) <= 0.02
+
+
+def test_params_target_needs_the_model_and_refuses_uniform_selection():
+    model = _narrow_resnet(4)
+    opt = _loss_aware("sgd", model)
+    with pytest.raises(TypeError, match=r"pass model=<the nn\.Module"):
+        gp.SparsityTarget(opt, params=0.5, reach_step=10)
+    with pytest.raises(ValueError, match="pass example_inputs"):
+        gp.SparsityTarget(opt, flops=0.5, model=model, reach_step=10)
+    with pytest.raises(ValueError, match="selection='uniform' picks a fraction"):
+        gp.SparsityTarget(opt, params=0.5, model=model, reach_step=10, selection="uniform")
+    with pytest.raises(ValueError, match="params must be"):
+        gp.SparsityTarget(opt, params=1.5, model=model, reach_step=10)
+    other = _narrow_resnet(4, seed=3)
+    with pytest.raises(ValueError, match="not parameters of model"):
+        gp.SparsityTarget(opt, params=0.5, model=other, reach_step=10)
+
+
+def test_params_target_round_trip_resumes_exactly(digits):
+    x, y, *_ = digits
+    model = _narrow_resnet(8)
+    opt = _loss_aware("sgd", model)
+    kw = dict(params=0.6, warmup_steps=5, reach_step=60, freeze_step=80)
+    target = gp.SparsityTarget(opt, model=model, **kw)
+    _train_with(model, opt, target, x, y, 50)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), target.state_dict()))
+    twin = _narrow_resnet(8, seed=1)
+    twin.load_state_dict(saved[0])
+    opt2 = _loss_aware("sgd", twin)
+    target2 = gp.SparsityTarget(opt2, model=twin, **kw)
+    opt2.load_state_dict(saved[1])
+    target2.load_state_dict(saved[2])
+    assert target2.lam == target.lam
+    for a, b in zip(target.penalised.values(), target2.penalised.values()):
+        assert torch.equal(a, b)
+    gen_state = torch.get_rng_state()
+    _train_with(model, opt, target, x, y, 40)
+    torch.set_rng_state(gen_state)
+    _train_with(twin, opt2, target2, x, y, 40)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

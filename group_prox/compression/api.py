@@ -18,9 +18,9 @@ from ..families.registry import families
 from ..hierarchy import Hierarchy
 from ..inputs import ExampleInputs, check, run_model, tensors_of
 from . import auto
-from .plan import CompressionPlan, Op
+from .plan import CompressionPlan, Op, meta_copy
 
-__all__ = ["compress", "load_compressed", "save_compressed"]
+__all__ = ["compress", "compression_plan", "load_compressed", "save_compressed"]
 
 _FILE_FORMAT = "group_prox.compressed/2"
 _FILE_FORMATS = ("group_prox.compressed/1", _FILE_FORMAT)  # /1: no checksums
@@ -110,6 +110,33 @@ def _tolerance(w: Tensor) -> tuple[float, float]:
     return 1e-4, 1e-5 * scale
 
 
+def compression_plan(
+    model: nn.Module,
+    hierarchy: Hierarchy | None = None,
+    *,
+    example_inputs: ExampleInputs | None = None,
+    multiple: int = 1,
+) -> CompressionPlan:
+    """The edits :func:`compress` would make to ``model`` now, without making them.
+
+    The plan is read from the weights' exact zeros by the same planner :func:`compress` uses
+    (the registered model families, else the traced dependency graph), so applying it to a copy of
+    ``model`` gives exactly the model :func:`compress` returns. Arguments as for :func:`compress`;
+    they are not checked again here.
+    """
+    ops = None if auto.built_by_auto(hierarchy) else _family_ops(model, multiple)
+    if ops is None:
+        inputs = example_inputs if example_inputs is not None else auto.example_inputs_of(hierarchy)
+        if inputs is None:
+            raise ValueError(
+                "compress(): the model has no ResNet block, transformer layer, attention or MoE "
+                "layer that group_prox knows; pass example_inputs=... so that its channel "
+                "dependencies can be traced (needs the optional extra group_prox[auto])."
+            )
+        ops = auto.plan(model, inputs, hierarchy, multiple=multiple)
+    return CompressionPlan.of(ops)
+
+
 def compress(
     model: nn.Module,
     hierarchy: Hierarchy | None = None,
@@ -163,20 +190,9 @@ def compress(
         raise ValueError(_SHARDED.format(owner="compress()"))
     _check_hierarchy(model, hierarchy)
 
-    ops = None if auto.built_by_auto(hierarchy) else _family_ops(model, multiple)
-    if ops is None:
-        inputs = example_inputs if example_inputs is not None else auto.example_inputs_of(hierarchy)
-        if inputs is None:
-            raise ValueError(
-                "compress(): the model has no ResNet block, transformer layer, attention or MoE "
-                "layer that group_prox knows; pass example_inputs=... so that its channel "
-                "dependencies can be traced (needs the optional extra group_prox[auto])."
-            )
-        ops = auto.plan(model, inputs, hierarchy, multiple=multiple)
-
+    plan = compression_plan(model, hierarchy, example_inputs=example_inputs, multiple=multiple)
     small = copy.deepcopy(model)
     previous = getattr(model, _PLAN_ATTR, None)
-    plan = CompressionPlan.of(ops)
     plan.apply(small)
     small.group_prox_plan = plan if previous is None else previous + plan
     if example_inputs is not None:
@@ -310,15 +326,6 @@ def _check_file_checksums(where: str, data: Mapping[str, Any]) -> None:
         )
 
 
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters and buffers are on the meta device (no data copied)."""
-    memo: dict[int, Any] = {}
-    for t in (*model.parameters(), *model.buffers()):
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(model, memo)
-
-
 def _fits(model: nn.Module, state: Mapping[str, Any]) -> str | None:
     """Why ``state`` would not load strictly into ``model`` (keys and shapes), or ``None``."""
     own = model.state_dict()
@@ -402,7 +409,7 @@ def load_compressed(
                 "FSDP2's fully_shard); the plan edits whole tensors. Load into an unsharded model "
                 "(pass model_fn), then shard the result."
             )
-        _build(_meta_copy(model), plan, state, where)
+        _build(meta_copy(model), plan, state, where)
     _build(model, plan, state, where)
     model.load_state_dict(state)
     model.group_prox_plan = plan

@@ -16,11 +16,13 @@ original model gives the small architecture, and the ``state_dict`` then fills i
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from .surgery import keep_inputs, keep_outputs
@@ -31,6 +33,7 @@ __all__ = [
     "SliceOp",
     "indices",
     "integer",
+    "meta_copy",
     "register_replacement",
 ]
 
@@ -262,3 +265,13 @@ class CompressionPlan:
     @classmethod
     def of(cls, ops: Iterable[Op]) -> CompressionPlan:
         return cls(tuple(ops))
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the meta device (no data copied):
+    where a plan is tried or measured without touching, or allocating, any weight."""
+    memo: dict[int, Any] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)

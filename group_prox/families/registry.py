@@ -14,6 +14,8 @@ Level names are shared by every family, so that the levels of several families f
 * ``kv_head``: under grouped-query attention, a key/value head with the query heads that read it;
 * ``expert``: a whole expert of a mixture-of-experts layer;
 * ``layer``: a residual branch (a ResNet block's branch, an attention or MLP sublayer);
+* ``stream``: a channel of a residual stream, in every layer writing it (``resnet(model,
+  stream=True)``; disjoint from ``layer``);
 * ``whole_layer``: a whole transformer layer (all of its sublayers).
 
 A family need not have every level; the merged hierarchy keeps this order.
@@ -39,7 +41,14 @@ __all__ = [
 ]
 
 #: The shared level names, finest first (see the module docstring).
-LEVEL_ORDER: tuple[str, ...] = ("base_level", "kv_head", "expert", "layer", "whole_layer")
+LEVEL_ORDER: tuple[str, ...] = (
+    "base_level",
+    "kv_head",
+    "expert",
+    "layer",
+    "stream",
+    "whole_layer",
+)
 
 Levels = Mapping[str, Mapping[str, Sequence[Any]]]
 

@@ -9,6 +9,11 @@ Levels (``builder="resnet"``, see :func:`group_prox.hierarchy.resnet`):
   parameters of its ``conv*``/``bn*``, not the shortcut ``downsample``. Name: the block's name,
   e.g. ``"layer1.0"``.
 
+With ``stream=True`` (:func:`stream_levels`, torchvision ``ResNet`` only) a third level,
+``stream``, holds one group per channel of each residual stream (all the filters writing that
+channel), and ``layer`` holds the branch without its last conv and BatchNorm (which are writers);
+see :func:`group_prox.hierarchy.resnet` for why.
+
 Compression: three kinds of removal, each exact in ``eval()`` mode:
 
 * a residual block whose branch output is exactly 0 (every channel of its last BatchNorm is dead)
@@ -30,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +54,7 @@ __all__ = [
     "filter_members",
     "levels",
     "plan",
+    "stream_levels",
 ]
 
 _BLOCKS = (BasicBlock, Bottleneck)
@@ -93,21 +99,106 @@ def filter_members(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, i: int) -> list[M
 def levels(model: nn.Module) -> dict[str, dict[str, list[Member]]]:
     """The levels of :func:`group_prox.hierarchy.resnet` for the torchvision blocks of ``model``,
     frozen parameters included."""
-    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, _BLOCKS)]
+    return {"base_level": _base_level(model), "layer": _layer_level(model, whole=True)}
+
+
+def _base_level(model: nn.Module) -> dict[str, list[Member]]:
     base: dict[str, list[Member]] = {}
     for name, conv, bn in conv_bn_pairs(model):
         for i in range(conv.out_channels):
             base[f"{name}[{i}]"] = filter_members(conv, bn, i)
+    return base
 
+
+def _layer_level(model: nn.Module, *, whole: bool) -> dict[str, list[Member]]:
+    """Every branch (not ``downsample``); without its last conv and BatchNorm unless ``whole``."""
     layer: dict[str, list[Member]] = {}
-    for name, block in blocks:
+    for name, block in model.named_modules():
+        if not isinstance(block, _BLOCKS):
+            continue
+        skip = {"downsample"}
+        if not whole:
+            cname = _branch_layers(block)[-1][0]
+            skip |= {cname, f"bn{cname[-1]}"}
         members: list[Member] = []
         for child_name, child in block.named_children():
-            if child_name == "downsample":
-                continue
-            members.extend(child.parameters(recurse=True))
-        layer[name] = members
-    return {"base_level": base, "layer": layer}
+            if child_name not in skip:
+                members.extend(child.parameters(recurse=True))
+        if members:
+            layer[name] = members
+    return layer
+
+
+def stream_levels(model: nn.Module, caller: str) -> dict[str, dict[str, list[Member]]]:
+    """The levels of ``resnet(model, stream=True)``, frozen parameters included: ``base_level``,
+    ``layer`` (each branch without its last conv and BatchNorm) and ``stream`` (one group per
+    channel of each residual stream that blocks add into, named ``"<stage>.stream[c]"``).
+
+    Raises:
+        ValueError: if ``model`` is not a torchvision ``ResNet`` running ``ResNet.forward`` (the
+            only model whose stream :func:`plan` removes), or has a layout it does not know.
+    """
+    from .registry import applicable, no_family_message
+
+    others = [f.description for f in applicable(model, "resnet") if f is not TORCHVISION_RESNET]
+    if others:
+        raise ValueError(
+            f"{caller}: the model holds {'; '.join(others)}, whose residual-stream channels "
+            "compress() does not remove, so zeros of a stream level would stay in the model. The "
+            "stream level is only built for torchvision ResNets (torchvision.models.ResNet); use "
+            "stream=False for this model."
+        )
+    if not applies(model):
+        raise ValueError(no_family_message(caller, model, "resnet"))
+    if not _is_torchvision_resnet(model):
+        kind = type(model).__name__
+        why = (
+            "overrides ResNet.forward"
+            if isinstance(model, ResNet)
+            else "is not a torchvision.models.ResNet"
+        )
+        raise ValueError(
+            f"{caller}: the model ({kind}) {why}, so who writes and reads its residual stream is "
+            "unknown and compress() removes only the branches and the channels inside them. Build "
+            "the network as a torchvision.models.ResNet (a subclass that keeps ResNet.forward), "
+            "or use stream=False."
+        )
+    try:
+        segments = _segments(model)
+    except _Unsupported as e:
+        raise ValueError(
+            f"{caller}: the ResNet has {e}, whose stream compress() does not remove; use "
+            "stream=False, or torchvision's layout (stem conv1 + bn1, downsample "
+            "Sequential(Conv2d, BatchNorm2d), classifier nn.Linear)."
+        ) from None
+    stream: dict[str, list[Member]] = {}
+    added = [seg for seg in segments if any(w.block is not None for w in seg.writers)]
+    for label, seg in zip(_segment_names(added), added):
+        for w in seg.writers:
+            if not isinstance(w.bn, nn.BatchNorm2d):
+                raise ValueError(
+                    f"{caller}: {w.bn_name} is a {type(w.bn).__name__}; the stream level needs "
+                    "BatchNorm2d after every conv writing the stream. Use stream=False."
+                )
+        for c in range(seg.writers[0].conv.out_channels):
+            stream[f"{label}.stream[{c}]"] = [
+                m for w in seg.writers for m in filter_members(w.conv, w.bn, c)
+            ]
+    return {
+        "base_level": _base_level(model),
+        "layer": _layer_level(model, whole=False),
+        "stream": stream,
+    }
+
+
+def _segment_names(segments: list[_Segment]) -> list[str]:
+    """Each segment's stage (``"layer2"``) when every segment lies in one stage of its own, else
+    the first block adding into it (``"layer2.0"``)."""
+    stages = [{w.block.split(".")[0] for w in seg.writers if w.block} for seg in segments]
+    names = [next(iter(s)) for s in stages if len(s) == 1]
+    if len(names) == len(segments) and len(set(names)) == len(names):
+        return names
+    return [next(w.block for w in seg.writers if w.block) for seg in segments]
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,51 +283,71 @@ def plan(model: nn.Module, *, multiple: int = 1) -> list[Op]:
                 ]
     if _is_torchvision_resnet(model):
         with contextlib.suppress(_Unsupported):
-            ops += _stream_ops(model, blocks, dead_branch, multiple)
+            ops += _stream_ops(model, dead_branch, multiple)
     return ops
 
 
-def _stream_ops(
-    model: nn.Module,
-    blocks: list[tuple[str, nn.Module]],
-    dead_branch: set[str],
-    multiple: int,
-) -> list[Op]:
-    """Residual-stream segments: the stem starts one, every downsample starts the next. Each
-    segment has writers (conv + BatchNorm) and readers (the convs and the linear reading it)."""
+class _Writer(NamedTuple):
+    block: str | None  # the block whose branch writes; None for the stem and a downsample
+    conv_name: str
+    bn_name: str
+    conv: nn.Module
+    bn: nn.Module
+
+
+class _Segment(NamedTuple):
+    """A residual-stream segment: the layers writing it and those reading it, each reader with the
+    block whose branch reads it (``None`` for a downsample and the classifier)."""
+
+    writers: list[_Writer]
+    readers: list[tuple[str | None, str]]
+
+
+def _segments(model: nn.Module) -> list[_Segment]:
+    """The residual-stream segments of a torchvision ``ResNet``: the stem starts one, every
+    downsample (also one a :class:`BlockShortcut` kept) starts the next. Each segment has writers
+    (conv + BatchNorm) and readers (the convs and the linear reading it)."""
     if not (isinstance(model.conv1, nn.Conv2d) and isinstance(model.bn1, nn.BatchNorm2d)):
         raise _Unsupported("a stem other than conv1 + bn1")
     if not isinstance(model.fc, nn.Linear):
         raise _Unsupported("a classifier other than nn.Linear")
-    # Each writer: (conv name, bn name, conv, bn).
-    writers: list[list[tuple[str, str, nn.Module, nn.Module]]] = [
-        [("conv1", "bn1", model.conv1, model.bn1)]
-    ]
-    readers: list[list[str]] = [[]]
-    for name, block in blocks:
-        if name not in dead_branch:
-            readers[-1].append(f"{name}.conv1")
+    segments = [_Segment([_Writer(None, "conv1", "bn1", model.conv1, model.bn1)], [])]
+    for name, block in model.named_modules():
+        if not isinstance(block, (*_BLOCKS, BlockShortcut)):
+            continue
+        branch = None if isinstance(block, BlockShortcut) else _branch_layers(block)
+        if branch is not None:
+            segments[-1].readers.append((name, f"{name}.conv1"))
         pair = _downsample_pair(block)
         if pair is not None:
-            readers[-1].append(f"{name}.downsample.0")
-            writers.append([(f"{name}.downsample.0", f"{name}.downsample.1", *pair)])
-            readers.append([])
-        elif block.conv1.in_channels != _branch_layers(block)[-1][1].out_channels:
+            segments[-1].readers.append((None, f"{name}.downsample.0"))
+            writer = _Writer(None, f"{name}.downsample.0", f"{name}.downsample.1", *pair)
+            segments.append(_Segment([writer], []))
+        elif branch is not None and block.conv1.in_channels != branch[-1][1].out_channels:
             raise _Unsupported("a block changing width without downsample")
-        if name not in dead_branch:
-            cname, conv, bn = _branch_layers(block)[-1]
-            writers[-1].append((f"{name}.{cname}", f"{name}.bn{cname[-1]}", conv, bn))
-    readers[-1].append("fc")
+        if branch is not None:
+            cname, conv, bn = branch[-1]
+            segments[-1].writers.append(
+                _Writer(name, f"{name}.{cname}", f"{name}.bn{cname[-1]}", conv, bn)
+            )
+    segments[-1].readers.append((None, "fc"))
+    return segments
 
+
+def _stream_ops(model: nn.Module, dead_branch: set[str], multiple: int) -> list[Op]:
+    """Remove the stream channels dead in every writer of their segment (a dead branch, replaced
+    by its shortcut, neither writes nor reads)."""
     ops: list[Op] = []
-    for seg_writers, seg_readers in zip(writers, readers):
-        dead = torch.stack([dead_channels(conv, bn) for _, _, conv, bn in seg_writers]).all(0)
+    for seg in _segments(model):
+        writers = [w for w in seg.writers if w.block not in dead_branch]
+        readers = [r for block, r in seg.readers if block not in dead_branch]
+        dead = torch.stack([dead_channels(w.conv, w.bn) for w in writers]).all(0)
         keep = tuple(kept_indices(dead, multiple))
         if len(keep) == dead.numel():
             continue
-        for conv_name, bn_name, _, _ in seg_writers:
-            ops += [SliceOp(conv_name, "out", keep), SliceOp(bn_name, "out", keep)]
-        ops += [SliceOp(r, "in", keep) for r in seg_readers]
+        for w in writers:
+            ops += [SliceOp(w.conv_name, "out", keep), SliceOp(w.bn_name, "out", keep)]
+        ops += [SliceOp(r, "in", keep) for r in readers]
     return ops
 
 

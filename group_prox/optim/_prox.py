@@ -9,13 +9,14 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..distributed import is_dtensor, local_tensor, process_group
 from ..hierarchy.core import Hierarchy
+from ..inputs import ExampleInputs
 from ..penalties import Penalty
 from ..prox import HierarchicalProx, NonFiniteAtoms
-from ..report import SparsityReport, build_report
+from ..report import SparsityReport, build_report, with_removable
 from ..validation import check_choice
 from ._checkpoint import (
     FORMAT,
@@ -107,14 +108,26 @@ class ProxMixin:
         """The current value of the whole penalty ``Ω(x) = Σ_levels Ω_level(x)``."""
         return 0.0 if self._prox is None else self._prox.penalty_value()
 
-    def get_sparsity_report(self) -> SparsityReport:
-        """Which groups of the hierarchy are exactly zero (see :class:`SparsityReport`)."""
+    def get_sparsity_report(
+        self, model: nn.Module | None = None, *, example_inputs: ExampleInputs | None = None
+    ) -> SparsityReport:
+        """Which groups of the hierarchy are exactly zero (see :class:`SparsityReport`); given the
+        ``model`` the optimizer trains, also what :func:`~group_prox.compress` would remove now
+        (``report.removable``, FLOPs included when ``example_inputs`` are given)."""
         if self._prox is None:
             raise ValueError(
                 f"{type(self).__name__} was built without a hierarchy: nothing to report."
             )
         params = [p for g in self.param_groups for p in g["params"]]
-        return build_report(self._prox.hierarchy, all_params=params)
+        report = build_report(self._prox.hierarchy, all_params=params)
+        if model is not None:
+            if not isinstance(model, nn.Module):
+                raise TypeError(
+                    f"{type(self).__name__}.get_sparsity_report: model must be the nn.Module "
+                    f"the optimizer trains, got {type(model).__name__}."
+                )
+            report = with_removable(report, model, self._prox.hierarchy, example_inputs)
+        return report
 
     @property
     def frozen(self) -> bool:
