@@ -569,8 +569,8 @@ class SparsityTarget:
         # finishes.
         if found > self.targets[_MODEL] + _SNAP_TOLERANCE and lo > 0:
             jump = int(order[lo - 1])
-            level = levels[max(j for j, s0 in enumerate(starts) if s0 <= jump)]
-            self._protected(level)[jump - starts[levels.index(level)]] = True
+            j = max(j for j, s0 in enumerate(starts) if s0 <= jump)
+            self._protected(levels[j])[jump - starts[j]] = True
             lo -= 1
         return {lv: (ttz[lv] == 0) | picked for lv, picked in split(lo).items()}
 
@@ -781,22 +781,9 @@ class SparsityTarget:
         forecast = _check_per_key(owner, "forecast", state["forecast"], self.targets)
         for key, value in forecast.items():
             forecast[key] = check_fraction(value, owner, f"forecast of {key!r}", closed_high=True)
-        previous = state["previous"]
-        if not isinstance(previous, Mapping):
-            raise TypeError(f"{owner}: previous must be a dict, got {type(previous).__name__}.")
-        for level, value in previous.items():
-            if level not in self.ratios:
-                raise ValueError(f"{owner}: previous holds norms of {level!r}, not steered here.")
-            n = _covered(self, level)
-            if not (
-                isinstance(value, Tensor) and value.is_floating_point() and value.shape == (n,)
-            ):
-                raise ValueError(
-                    f"{owner}: the previous norms of level {level!r} must be a float tensor of "
-                    f"{n} entries, got {_describe(value)}."
-                )
-        penalised = self._check_masks(owner, "penalised", state["penalised"])
-        protected = self._check_masks(owner, "protected", state["protected"])
+        previous = self._check_per_group(owner, "previous", "norms", state["previous"])
+        penalised = self._check_per_group(owner, "penalised", "groups", state["penalised"])
+        protected = self._check_per_group(owner, "protected", "groups", state["protected"])
         eta_ref = state["eta_ref"]
         if isinstance(eta_ref, bool) or not isinstance(eta_ref, numbers.Real) or eta_ref < 0:
             raise ValueError(f"{owner}: eta_ref must be a number >= 0, got {eta_ref!r}.")
@@ -843,22 +830,27 @@ class SparsityTarget:
             self._uniform.load(uniform)
         self._set_lams()
 
-    def _check_masks(self, owner: str, name: str, masks: object) -> Mapping[str, Tensor]:
-        """``masks`` as saved by :meth:`state_dict`: per steered level, a bool per covered group."""
-        if not isinstance(masks, Mapping):
-            raise TypeError(f"{owner}: {name} must be a dict, got {type(masks).__name__}.")
-        for level, value in masks.items():
+    def _check_per_group(
+        self, owner: str, name: str, what: Literal["groups", "norms"], entries: object
+    ) -> Mapping[str, Tensor]:
+        """``entries`` as saved by :meth:`state_dict`: per steered level, one value per covered
+        group, a bool (``what="groups"``, a mask) or a float (``what="norms"``)."""
+        if not isinstance(entries, Mapping):
+            raise TypeError(f"{owner}: {name} must be a dict, got {type(entries).__name__}.")
+        kind = "bool" if what == "groups" else "float"
+        for level, value in entries.items():
             if level not in self.ratios:
                 raise ValueError(f"{owner}: {name} names {level!r}, not steered here.")
             n = _covered(self, level)
-            if not (
-                isinstance(value, Tensor) and value.dtype == torch.bool and value.shape == (n,)
-            ):
+            right_kind = isinstance(value, Tensor) and (
+                value.dtype == torch.bool if what == "groups" else value.is_floating_point()
+            )
+            if not (right_kind and value.shape == (n,)):
                 raise ValueError(
-                    f"{owner}: the {name} groups of level {level!r} must be a bool tensor of "
+                    f"{owner}: the {name} {what} of level {level!r} must be a {kind} tensor of "
                     f"{n} entries, got {_describe(value)}."
                 )
-        return masks
+        return entries
 
     def __repr__(self) -> str:
         what = ", ".join(f"{k}={v:g}" for k, v in self.targets.items())
