@@ -539,16 +539,19 @@ def _check_finite_atoms(plan: ProxPlan, atom_sq: Tensor) -> None:
 
 def _multiply_(plan: ProxPlan, views: Sequence[Tensor]) -> None:
     # Sharded, ``views`` are the plan's views of the local boxes (see ProxPlan.on).
-    if plan.sharding is None:
-        params = [lay.param.detach() for lay in plan.tensors]
-    else:
-        params = plan.sharding.local_tensors()
-    if all(p.dtype == views[0].dtype for p in params):
-        torch._foreach_mul_(params, views)
-    else:
-        # Mixed precisions: the product is formed in the scales' precision and rounded once.
-        for p, s in zip(params, views):
-            p.mul_(s)
+    # Under no_grad the parameters themselves are written: a detached alias of each would cost
+    # more than scaling a small tensor.
+    with torch.no_grad():
+        if plan.sharding is None:
+            params = [lay.param for lay in plan.tensors]
+        else:
+            params = plan.sharding.local_tensors()
+        if all(p.dtype == views[0].dtype for p in params):
+            torch._foreach_mul_(params, views)
+        else:
+            # Mixed precisions: the product is formed in the scales' precision and rounded once.
+            for p, s in zip(params, views):
+                p.mul_(s)
 
 
 def scale_atoms_(plan: ProxPlan, atom_scale: Tensor) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -268,7 +269,7 @@ class HierarchicalProx:
         if atom_sq is None or plan.sharding is not None:
             return
         versions = self._versions()
-        self._norms = (atom_sq, versions)
+        self._norms = _Read(atom_sq, versions)
         if check_finite:
             self._finite_versions = versions
 
@@ -310,7 +311,7 @@ class HierarchicalProx:
         :meth:`unread`)."""
         scale = self.plan.on(atom_sq.device).scale
         versions = self._versions()
-        self._norms = (atom_sq * scale.square(), versions)
+        self._norms = _Read(atom_sq * scale.square(), versions)
         self._finite_versions = versions if finite else None
 
     def _refuse_meta(self) -> None:
@@ -323,7 +324,7 @@ class HierarchicalProx:
 
     # ------------------------------------------------------------------- what it last read
     def _forget(self) -> None:
-        self._norms: tuple[Tensor, tuple[int, ...]] | None = None
+        self._norms: _Read | None = None
         self._finite_versions: tuple[int, ...] | None = None
 
     def _versions(self) -> tuple[int, ...]:
@@ -349,11 +350,19 @@ class HierarchicalProx:
 
         Right after an application, with no parameter written since, these come from what the
         application read and wrote (``‖x_a‖²·s_a²``) and cost no read of the parameters;
-        otherwise every tensor is read once."""
+        otherwise every tensor is read once. Until a parameter is written, later calls return the
+        same tensors (computed once): read them, do not modify them."""
+        versions = self._versions()
         norms = self._norms
-        if norms is not None and norms[1] == self._versions():
-            return norms[0], self.plan.level_sq_norms(norms[0])
-        return group_sq_norms(self.plan)
+        if norms is None or norms.versions != versions:
+            atom_sq, level_sq = group_sq_norms(self.plan)
+            if self.plan.sharding is not None:
+                # A write through a local shard need not move the DTensor's version counter.
+                return atom_sq, level_sq
+            norms = self._norms = _Read(atom_sq, versions, level_sq)
+        if norms.level_sq is None:
+            norms.level_sq = self.plan.level_sq_norms(norms.atom_sq)
+        return norms.atom_sq, list(norms.level_sq)
 
     # --------------------------------------------------------------------- zero patterns
     @torch.no_grad()
@@ -450,6 +459,16 @@ class HierarchicalProx:
             f"HierarchicalProx({len(self.plan.tensors)} tensors, "
             f"{self.hierarchy.num_atoms} atoms; {{{pens}}}{'; frozen' if self.frozen else ''})"
         )
+
+
+@dataclass
+class _Read:
+    """The squared atom norms of the parameters as they were at ``versions`` (their version
+    counters), and the squared group norms of every penalised level, computed on first use."""
+
+    atom_sq: Tensor
+    versions: tuple[int, ...]
+    level_sq: list[Tensor] | None = None
 
 
 def _with_global_level(

@@ -257,6 +257,7 @@ class SparsityTarget:
         self._group_share = {
             lv: 1.0 - getattr(optimizer.penalties[lv], "l1_ratio", 0.0) for lv in self.ratios
         }
+        self._units: dict[tuple[str, torch.device], tuple[Tensor, Tensor]] = {}
         self.lookahead = (
             max(1, ramp_steps // 10)
             if lookahead is None
@@ -341,8 +342,12 @@ class SparsityTarget:
         """The sparsity of each target now: per level the fraction of its (covered) groups that
         are exactly zero, or the share of the parameters or FLOPs :func:`~group_prox.compress`
         would remove."""
+        return self._measure(self._norms())
+
+    def _measure(self, norms: dict[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
+        """:meth:`measure`, with the levels' norms already at hand."""
         if self.kind == "levels":
-            return {lv: float(zero.double().mean()) for lv, (_, zero) in self._norms().items()}
+            return {lv: float(zero.double().mean()) for lv, (_, zero) in norms.items()}
         return {_MODEL: self._removed()}
 
     def _removed(self) -> float:
@@ -359,16 +364,26 @@ class SparsityTarget:
     def _norms(self, levels: list[str] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
         """Per steered level (or level of ``levels``): ``‖x_g‖/(w_g·share)`` of its covered
         groups, and whether each is exactly zero."""
-        plan = self._plan
         _, level_sq = self._prox.group_sq_norms()
         out = {}
         for level in self.ratios if levels is None else levels:
             i = self._level_index[level]
-            lp = plan.levels[i]
-            norm = level_sq[i][lp.covered.to(level_sq[i].device)].sqrt().cpu()
-            weights = plan.base_weights(i)[lp.covered].to(norm.dtype)
-            out[level] = (norm / (weights * self._group_share[level]), norm == 0)
+            covered, scale = self._norm_units(level, level_sq[i].device)
+            norm = level_sq[i].index_select(0, covered).sqrt_().cpu()
+            out[level] = (norm / scale.to(norm.dtype), norm == 0)
         return out
+
+    def _norm_units(self, level: str, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The covered groups of ``level`` (indices, on ``device``) and the unit ``w_g·share``
+        that :meth:`_norms` divides their norms by; both fixed by the plan, kept per level."""
+        key = (level, device)
+        units = self._units.get(key)
+        if units is None:
+            i = self._level_index[level]
+            covered = self._plan.levels[i].covered
+            scale = self._plan.base_weights(i)[covered] * self._group_share[level]
+            units = self._units[key] = (torch.nonzero(covered).flatten().to(device), scale)
+        return units
 
     def _group_etas(self, level: str) -> Tensor:
         """The prox step size of each covered group of ``level``."""
@@ -382,7 +397,7 @@ class SparsityTarget:
             self._uniform.select(self.step_count)
         norms = self._norms()
         ttz = self._steps_to_zero(norms, steps)
-        self.measured = self.measure()
+        self.measured = self._measure(norms)
         exempt = {lv: o | self._protected(lv) for lv, o in self._oversized(norms).items()}
         # An exempt group dies only through its finer groups, which the forecast counts.
         dying = {lv: d & ~exempt[lv] for lv, d in self._dying(ttz).items()}
@@ -423,13 +438,12 @@ class SparsityTarget:
         out = {}
         for level, (rel_norm, zero) in norms.items():
             previous = self._previous.get(level)
-            ttz = torch.full_like(rel_norm, float("inf"))
             if previous is not None and previous.shape == rel_norm.shape:
                 pace = (previous - rel_norm) / steps
-                falling = pace > 0
-                ttz[falling] = rel_norm[falling] / pace[falling]
-            ttz[zero] = 0.0
-            out[level] = ttz
+                ttz = torch.where(pace > 0, rel_norm / pace, float("inf"))
+            else:
+                ttz = torch.full_like(rel_norm, float("inf"))
+            out[level] = ttz.masked_fill_(zero, 0.0)
             self._previous[level] = rel_norm
         return out
 

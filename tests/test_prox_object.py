@@ -86,6 +86,34 @@ def test_group_norms_after_a_step_cost_no_read_and_match_a_fresh_read():
     torch.testing.assert_close(atom_sq, group_sq_norms(prox.plan)[0])
 
 
+def test_group_norms_are_computed_once_until_a_write(monkeypatch):
+    """A controller and the optimizer asking for the group norms of one step share one
+    computation; a write to a parameter makes the next call measure again."""
+    model = _model()
+    opt = gp.ProxSGD(
+        model.parameters(), lr=0.2, hierarchy=_hierarchy(model), penalties=_penalties()
+    )
+    _train(opt, model)
+    prox = opt.prox
+    calls = []
+    level_sq_norms = type(prox.plan).level_sq_norms
+    monkeypatch.setattr(
+        type(prox.plan),
+        "level_sq_norms",
+        lambda plan, atom_sq: calls.append(1) or level_sq_norms(plan, atom_sq),
+    )
+    first = prox.group_sq_norms()
+    second = prox.group_sq_norms()
+    assert len(calls) == 1
+    assert first[0] is second[0] and all(a is b for a, b in zip(first[1], second[1]))
+    with torch.no_grad():
+        model[2].weight.mul_(0.5)
+    third = prox.group_sq_norms()  # a fresh read, remembered in turn
+    assert prox.group_sq_norms()[0] is third[0]
+    torch.testing.assert_close(third[0], group_sq_norms(prox.plan)[0])
+    torch.testing.assert_close(third[1][0], group_sq_norms(prox.plan)[1][0])
+
+
 def test_freeze_zero_groups_and_state_dict_round_trip():
     model = _model()
     opt = gp.ProxSGD(
