@@ -11,11 +11,12 @@ For each model, every iteration times in turn, on the same gradients:
 
 and reports medians over the iterations of the per-iteration ratios to torch's default step, and
 the overheads in passes. Models: torchvision resnet50 (2-level hierarchy: filters and residual
-branches), torchvision efficientnet_b0 with the ``auto`` hierarchy (many small tensors), and a
+branches), torchvision efficientnet_b0, mobilenet_v3_large and regnet_y_400mf with the ``auto``
+hierarchy (many small tensors), and a
 Llama-style decoder from a transformers config (heads, MLP neurons, sublayers; an MLP neuron's
 atoms include a column of the down projection). Writes ``benchmarks/results/prox_overhead.md``.
 
-    python benchmarks/prox_overhead.py [--iters 40] [--models resnet50,efficientnet_b0,decoder]
+    python benchmarks/prox_overhead.py [--iters 40] [--models resnet50,efficientnet_b0,...]
                                        [--device cuda]   # on a GPU: prox_overhead_cuda.md
 """
 
@@ -43,15 +44,18 @@ def _resnet50() -> tuple[nn.Module, Callable[[nn.Module], gp.Hierarchy], str]:
     return resnet50(), gp.hierarchy.resnet, "filters + residual branches"
 
 
-def _efficientnet_b0() -> tuple[nn.Module, Callable[[nn.Module], gp.Hierarchy], str]:
-    from torchvision.models import efficientnet_b0
+def _auto(name: str) -> Callable[[], tuple[nn.Module, Callable[[nn.Module], gp.Hierarchy], str]]:
+    def build() -> tuple[nn.Module, Callable[[nn.Module], gp.Hierarchy], str]:
+        from torchvision import models
 
-    x = torch.randn(1, 3, 64, 64)
+        x = torch.randn(1, 3, 64, 64)
 
-    def hierarchy(m: nn.Module) -> gp.Hierarchy:
-        return gp.hierarchy.auto(m, x.to(next(m.parameters()).device))
+        def hierarchy(m: nn.Module) -> gp.Hierarchy:
+            return gp.hierarchy.auto(m, x.to(next(m.parameters()).device))
 
-    return efficientnet_b0(), hierarchy, "auto (Torch-Pruning trace)"
+        return getattr(models, name)(), hierarchy, "auto (Torch-Pruning trace)"
+
+    return build
 
 
 def _decoder() -> tuple[nn.Module, Callable[[nn.Module], gp.Hierarchy], str]:
@@ -72,7 +76,13 @@ def _decoder() -> tuple[nn.Module, Callable[[nn.Module], gp.Hierarchy], str]:
     )
 
 
-MODELS = {"resnet50": _resnet50, "efficientnet_b0": _efficientnet_b0, "decoder": _decoder}
+MODELS = {
+    "resnet50": _resnet50,
+    "efficientnet_b0": _auto("efficientnet_b0"),
+    "mobilenet_v3_large": _auto("mobilenet_v3_large"),
+    "regnet_y_400mf": _auto("regnet_y_400mf"),
+    "decoder": _decoder,
+}
 
 
 def _copies(
