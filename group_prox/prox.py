@@ -350,16 +350,12 @@ class HierarchicalProx:
 
         Right after an application, with no parameter written since, these come from what the
         application read and wrote (``‖x_a‖²·s_a²``) and cost no read of the parameters;
-        otherwise every tensor is read once. Until a parameter is written, later calls return the
-        same tensors (computed once): read them, do not modify them."""
-        versions = self._versions()
+        otherwise every tensor is read once. From what an application read, the level norms are
+        computed once: until a parameter is written, later calls return the same tensors (read
+        them, do not modify them)."""
         norms = self._norms
-        if norms is None or norms.versions != versions:
-            atom_sq, level_sq = group_sq_norms(self.plan)
-            if self.plan.sharding is not None:
-                # A write through a local shard need not move the DTensor's version counter.
-                return atom_sq, level_sq
-            norms = self._norms = _Read(atom_sq, versions, level_sq)
+        if norms is None or norms.versions != self._versions():
+            return group_sq_norms(self.plan)
         if norms.level_sq is None:
             norms.level_sq = self.plan.level_sq_norms(norms.atom_sq)
         return norms.atom_sq, list(norms.level_sq)
