@@ -50,6 +50,7 @@ _MODEL = "model"  # the key of the one multiplier of a params= or flops= target
 _SNAP_TOLERANCE = 0.02
 Selection = Literal["loss", "uniform"]
 _OWNER = "SparsityTarget"
+_CPU = torch.device("cpu")
 
 
 class SparsityTarget:
@@ -257,7 +258,8 @@ class SparsityTarget:
         self._group_share = {
             lv: 1.0 - getattr(optimizer.penalties[lv], "l1_ratio", 0.0) for lv in self.ratios
         }
-        self._units: dict[tuple[str, torch.device], tuple[Tensor, Tensor]] = {}
+        self._covered_indices: dict[tuple[str, torch.device], Tensor] = {}
+        self._norm_units: dict[str, Tensor] = {}
         self.lookahead = (
             max(1, ramp_steps // 10)
             if lookahead is None
@@ -287,7 +289,7 @@ class SparsityTarget:
         #: the largest prox step size seen since calibration (see Control).
         self.eta_ref = 0.0
         self._previous: dict[str, Tensor] = {}
-        self._group_shares: dict[str, Tensor] = {}
+        self._covered_shares: dict[str, Tensor] = {}
         self._set_lams()
 
     # ------------------------------------------------------------------------------ schedule
@@ -368,22 +370,39 @@ class SparsityTarget:
         out = {}
         for level in self.ratios if levels is None else levels:
             i = self._level_index[level]
-            covered, scale = self._norm_units(level, level_sq[i].device)
+            covered = self._covered_index(level, level_sq[i].device)
             norm = level_sq[i].index_select(0, covered).sqrt_().cpu()
-            out[level] = (norm / scale.to(norm.dtype), norm == 0)
+            out[level] = (norm / self._norm_unit(level).to(norm.dtype), norm == 0)
         return out
 
-    def _norm_units(self, level: str, device: torch.device) -> tuple[Tensor, Tensor]:
-        """The covered groups of ``level`` (indices, on ``device``) and the unit ``w_g·share``
-        that :meth:`_norms` divides their norms by; both fixed by the plan, kept per level."""
+    def _covered_index(self, level: str, device: torch.device = _CPU) -> Tensor:
+        """The indices, among all groups of ``level``, of its covered groups (on ``device``);
+        fixed by the plan, kept per level."""
         key = (level, device)
-        units = self._units.get(key)
-        if units is None:
+        index = self._covered_indices.get(key)
+        if index is None:
+            covered = self._plan.levels[self._level_index[level]].covered
+            index = self._covered_indices[key] = torch.nonzero(covered).flatten().to(device)
+        return index
+
+    def _norm_unit(self, level: str) -> Tensor:
+        """The unit ``w_g·share`` that :meth:`_norms` divides each covered group's norm by; fixed
+        by the plan, kept per level."""
+        unit = self._norm_units.get(level)
+        if unit is None:
             i = self._level_index[level]
-            covered = self._plan.levels[i].covered
-            scale = self._plan.base_weights(i)[covered] * self._group_share[level]
-            units = self._units[key] = (torch.nonzero(covered).flatten().to(device), scale)
-        return units
+            weights = self._plan.base_weights(i)[self._plan.levels[i].covered]
+            unit = self._norm_units[level] = weights * self._group_share[level]
+        return unit
+
+    def _group_marks(self, level: str, covered_groups: Tensor) -> Tensor:
+        """A bool per group of ``level``, set at the given covered groups (positions among its
+        covered groups, or a mask over them)."""
+        marks = torch.zeros(
+            self._plan.levels[self._level_index[level]].num_groups, dtype=torch.bool
+        )
+        marks[self._covered_index(level)[covered_groups]] = True
+        return marks
 
     def _group_etas(self, level: str) -> Tensor:
         """The prox step size of each covered group of ``level``."""
@@ -481,11 +500,8 @@ class SparsityTarget:
         plan = self._plan
         hit = torch.zeros(plan.hierarchy.num_atoms, dtype=torch.bool)
         for level, covered_groups in groups.items():
-            i = self._level_index[level]
-            lp = plan.levels[i]
-            marks = torch.zeros(lp.num_groups, dtype=torch.bool)
-            marks[torch.nonzero(lp.covered).flatten()[covered_groups]] = True
-            hit |= plan.atoms_in(i, marks).cpu()
+            marks = self._group_marks(level, covered_groups)
+            hit |= plan.atoms_in(self._level_index[level], marks).cpu()
         return [
             (lay.param, lay.param.detach().clone())
             for lay in plan.tensors
@@ -497,20 +513,22 @@ class SparsityTarget:
         whose removal alone would take the model past its target (one residual branch of a
         ResNet's last stage can hold most of its parameters); they are penalised again once the
         target leaves room for them."""
-        out = {}
-        room = self.targets[_MODEL] - self.measured[_MODEL] + 0.02 if self.kind == "params" else 1
-        total = max(1, sum(p.numel() for p in self.model.parameters())) if self.model else 1
-        for level in self.ratios:
-            lp = self._plan.levels[self._level_index[level]]
-            if self.kind != "params":
-                out[level] = torch.zeros(int(lp.covered.sum()), dtype=torch.bool)
-                continue
-            zero = norms[level][1]
-            if level not in self._group_shares:
-                sizes = self._plan.hierarchy.group_sizes(level)
-                self._group_shares[level] = torch.as_tensor(sizes, dtype=torch.float64) / total
-            out[level] = (self._group_shares[level][lp.covered] > room) & ~zero
-        return out
+        if self.kind != "params":
+            return {lv: torch.zeros(_covered(self, lv), dtype=torch.bool) for lv in self.ratios}
+        room = self.targets[_MODEL] - self.measured[_MODEL] + 0.02
+        return {lv: (self._group_shares(lv) > room) & ~norms[lv][1] for lv in self.ratios}
+
+    def _group_shares(self, level: str) -> Tensor:
+        """The share of the model's parameters in each covered group of ``level``; fixed by the
+        plan, kept per level."""
+        shares = self._covered_shares.get(level)
+        if shares is None:
+            assert self.model is not None  # params= needs the model
+            total = max(1, sum(p.numel() for p in self.model.parameters()))
+            sizes = torch.as_tensor(self._plan.hierarchy.group_sizes(level), dtype=torch.float64)
+            covered = self._plan.levels[self._level_index[level]].covered
+            shares = self._covered_shares[level] = sizes[covered] / total
+        return shares
 
     def _choose_penalised(
         self,
@@ -602,10 +620,7 @@ class SparsityTarget:
         if bool(chosen.all()):
             self._plan.set_group_multipliers(i, None)
             return
-        lp = self._plan.levels[i]
-        mult = torch.zeros(lp.num_groups, dtype=torch.float64)
-        mult[torch.nonzero(lp.covered).flatten()[chosen]] = 1.0
-        self._plan.set_group_multipliers(i, mult)
+        self._plan.set_group_multipliers(i, self._group_marks(level, chosen).double())
 
     def _error(self, key: str, wanted: float, have: float) -> float:
         """Wanted minus measured sparsity; for a level in whole groups (a level of 4 branches
@@ -686,11 +701,7 @@ class SparsityTarget:
 
     def _zero(self, level: str, covered_groups: Tensor) -> None:
         """Set the given covered groups of ``level`` (positions among its covered groups) to 0."""
-        i = self._level_index[level]
-        lp = self._plan.levels[i]
-        dead = torch.zeros(lp.num_groups, dtype=torch.bool)
-        dead[torch.nonzero(lp.covered).flatten()[covered_groups]] = True
-        self._prox.zero_groups_(level, dead)
+        self._prox.zero_groups_(level, self._group_marks(level, covered_groups))
 
     # ---------------------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:

@@ -96,10 +96,10 @@ def removable(
     plan = compression_plan(model, hierarchy, example_inputs=example_inputs, multiple=multiple)
     # Copies counted in eval mode: a batch of one is enough for BatchNorm, and the user's model
     # keeps its mode.
-    before = meta_copy(model).eval()
     after = plan.apply(meta_copy(model)).eval()
     flops_before = flops_after = None
     if flops:
+        before = meta_copy(model).eval()
         inputs = like_model(example_inputs, before)  # onto the meta device
         flops_before, flops_after = count_flops(before, inputs), count_flops(after, inputs)
     return Removable(
