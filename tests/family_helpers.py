@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,6 +19,21 @@ def randomise_(model: nn.Module) -> nn.Module:
         else:
             p.normal_(0, 0.3)
     return model
+
+
+@torch.no_grad()
+def zero_members(members: Iterable[Any]) -> None:
+    """Zero a group's members as a builder lists them (a tensor, or ``(tensor, dim, index)`` with
+    an int or a slice), as its penalty does when the group reaches zero."""
+    for m in members:
+        if isinstance(m, torch.Tensor):
+            m.zero_()
+            continue
+        t, dim, idx = m
+        if isinstance(idx, slice):
+            t.narrow(dim, idx.start, idx.stop - idx.start).zero_()
+        else:
+            t.select(dim, idx).zero_()
 
 
 def train_steps(opt: torch.optim.Optimizer, loss: Callable[[], torch.Tensor], steps: int) -> None:

@@ -13,20 +13,7 @@ timm = pytest.importorskip("timm")
 
 import group_prox as gp  # noqa: E402
 from group_prox.families import timm_resnet  # noqa: E402
-from tests.family_helpers import train_steps  # noqa: E402
-
-
-def zero_members(members) -> None:
-    """Zero a group's members, as its penalty does when it reaches zero."""
-    with torch.no_grad():
-        for m in members:
-            if isinstance(m, torch.Tensor):
-                m.zero_()
-            else:
-                t, dim, idx = m
-                t.narrow(dim, idx.start, idx.stop - idx.start).zero_() if isinstance(
-                    idx, slice
-                ) else t.select(dim, idx).zero_()
+from tests.family_helpers import train_steps, zero_members  # noqa: E402
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:

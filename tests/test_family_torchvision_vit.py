@@ -40,19 +40,6 @@ def _named(h: gp.Hierarchy, level: str):
     return h.group_names(level), h.groups(level)
 
 
-def zero_members(members) -> None:
-    with torch.no_grad():
-        for m in members:
-            if isinstance(m, torch.Tensor):
-                m.zero_()
-            else:
-                t, dim, idx = m
-                if isinstance(idx, slice):
-                    t.narrow(dim, idx.start, idx.stop - idx.start).zero_()
-                else:
-                    t.select(dim, idx).zero_()
-
-
 def zero_heads(mha: nn.MultiheadAttention, heads: list[int]) -> None:
     hd = E // HEADS
     with torch.no_grad():

@@ -17,19 +17,12 @@ import group_prox as gp
 from group_prox.compression.report import count_params
 from group_prox.demo import resnet10
 from group_prox.families.torchvision_resnet import BlockShortcut, stream_levels
-from tests.family_helpers import randomise_bn
+from tests.family_helpers import randomise_bn, zero_members
 
 
 def zero_group(model: nn.Module, level: str, group: str) -> None:
-    """Zero the members of one group as the level spec lists them, ``(param, 0, c)``."""
-    members = stream_levels(model, "test")[level][group]
-    with torch.no_grad():
-        for m in members:
-            if isinstance(m, torch.Tensor):
-                m.zero_()
-            else:
-                param, dim, index = m
-                param.select(dim, index).zero_()
+    """Zero the members of one group as the level spec lists them."""
+    zero_members(stream_levels(model, "test")[level][group])
 
 
 def r18() -> nn.Module:
