@@ -665,6 +665,18 @@ def test_empty_hierarchy_steps_as_torch_but_cannot_be_targeted(kind):
         gp.SparsityTarget(opt, {"a": 0.5}, reach_step=5)
 
 
+def test_empty_hierarchy_with_the_preconditioner_metric_steps_as_adamw():
+    model = _model()
+    ref = copy.deepcopy(model)
+    opt = gp.ProxAdam(
+        model.parameters(), lr=0.1, hierarchy=gp.Hierarchy({"a": []}),
+        penalties={"a": gp.GroupLasso(1.0)}, prox_metric="preconditioner",
+    )  # fmt: skip
+    _train(model, opt)
+    _train(ref, torch.optim.AdamW(ref.parameters(), lr=0.1, fused=True))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+
+
 def test_empty_model():
     with pytest.raises(ValueError, match="empty parameter list"):
         gp.ProxSGD(nn.Sequential().parameters(), lr=0.1)

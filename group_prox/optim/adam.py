@@ -39,7 +39,11 @@ class ProxAdam(ProxMixin, torch.optim.AdamW):
     * ``"preconditioner"``: one scalar metric per group tree, the mean of :math:`\sqrt{\hat v}+\epsilon`
       over the tree's scalars, :math:`\eta_{tree} = \text{lr} / \operatorname{mean}_{tree}(\sqrt{\hat v}+\epsilon)`.
       The shrink then follows Adam's scale of each tree. Parameters without Adam state yet
-      count as a metric of 1.
+      count as a metric of 1. λ is then in the gradient's units, as with ProxSGD: a group stays
+      at zero about when its gradient's norm is below ``λ·w_g``, so a group is kept for the
+      *size* of its gradient, where with ``"lr"`` it is kept for its *consistency* (Adam moves
+      every scalar by about ``lr``). A tree whose gradients are all but zero (an expert that no
+      token reaches) gets a step of about ``lr/eps`` and is zeroed at once.
 
     In both cases the metric is a scalar on each tree, so the level-by-level composition remains the
     exact prox in that metric.
@@ -137,6 +141,8 @@ class ProxAdam(ProxMixin, torch.optim.AdamW):
         if self.prox_metric == "lr":
             return eta
         plan = self._require_prox("prox_step_sizes").plan
+        if not plan.tensors:  # an empty hierarchy: no tree to measure
+            return eta
         acc = plan.acc_dtype
         device = plan.tensors[0].param.device
         pg_of = {id(p): g for g in self.param_groups for p in g["params"]}
