@@ -14,6 +14,7 @@ level.
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -48,6 +49,9 @@ STEERABLE = (GroupLasso, SparseGroupLasso, GroupMCP, GroupSCAD, GroupLogSum)
 _MODEL = "model"  # the key of the one multiplier of a params= or flops= target
 #: How far past a params=/flops= target the groups finishing their fall may take it.
 _SNAP_TOLERANCE = 0.02
+#: A shortfall at the freeze beyond which the snap warns: it then zeroes groups the loss still
+#: uses, not only the ones finishing their fall.
+_SNAP_WARN = 0.05
 Selection = Literal["loss", "uniform"]
 _OWNER = "SparsityTarget"
 _CPU = torch.device("cpu")
@@ -138,7 +142,9 @@ class SparsityTarget:
             schedule that selects groups); default a tenth of the ramp.
         spread: ``"uniform"`` only: how unevenly zeros may fall on a level's layers (0: the same
             fraction of each).
-        snap: at ``freeze_step``, top the target up by zeroing the groups nearest to zero.
+        snap: at ``freeze_step``, top the target up by zeroing the groups nearest to zero (a
+            ``RuntimeWarning`` when that must make up more than 5 points: it then zeroes groups
+            the loss still uses).
 
     **Copies.** ``copy.deepcopy`` and ``pickle`` carry the whole controller with its optimizer
     (and model): copied together (``copy.deepcopy((model, opt, target))``), the copy continues bit
@@ -675,6 +681,7 @@ class SparsityTarget:
             for level in sorted(self.targets, key=self._level_index.__getitem__, reverse=True):
                 rel_norm, zero = self._norms([level])[level]
                 short = round(self.targets[level] * zero.numel()) - int(zero.sum())
+                self._warn_if_short(level, self.targets[level], float(zero.double().mean()))
                 if short > 0:
                     order = (
                         self._uniform.order(level, rel_norm, zero, self.targets[level])
@@ -690,6 +697,7 @@ class SparsityTarget:
         have = self._removed()
         if have >= goal:
             return
+        self._warn_if_short(self.kind, goal, have)
         rel_norm, zero = self._norms([level])[level]
         order = _nearest_to_zero(rel_norm, zero)[int(zero.sum()) :]
         order = order[~self._protected(level)[order]]
@@ -698,6 +706,19 @@ class SparsityTarget:
             self._zero(level, order[start : start + chunk])
             if self._removed() >= goal:
                 return
+
+    def _warn_if_short(self, what: str, goal: float, have: float) -> None:
+        """Warn when the snap must make up more than ``_SNAP_WARN`` of a target."""
+        if goal - have > _SNAP_WARN:
+            warnings.warn(
+                f"{_OWNER}: at freeze_step {self.step_count} the {what} target {goal:.1%} stood at "
+                f"{have:.1%}; snap=True zeroes the groups nearest to zero to make up the rest, "
+                "groups the loss still uses, which costs accuracy. The penalty did not keep up "
+                "with the schedule: give the ramp more steps (reach_step), a larger max_change "
+                "or a later freeze_step.",
+                RuntimeWarning,
+                stacklevel=6,  # the caller of step(), past the no_grad wrapper
+            )
 
     def _zero(self, level: str, covered_groups: Tensor) -> None:
         """Set the given covered groups of ``level`` (positions among its covered groups) to 0."""

@@ -471,3 +471,31 @@ def test_params_target_round_trip_resumes_exactly(digits):
     _train_with(twin, opt2, target2, x, y, 40)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_snap_that_makes_up_much_of_the_target_warns():
+    """A penalty that could not act (the schedule paused the learning rate): the snap reaches the
+    target and says what that cost, pointing at the caller."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
+    first, second = model[0], model[2]
+    units = {f"u{i}": [(first.weight, 0, i), (first.bias, 0, i), (second.weight, 1, i)]
+             for i in range(16)}  # fmt: skip
+    h = gp.Hierarchy({"unit": units}, names=model)
+    opt = gp.ProxSGD(
+        model.parameters(), lr=1e-3, hierarchy=h, penalties={"unit": gp.GroupLasso(1.0)}
+    )
+    target = gp.SparsityTarget(opt, {"unit": 0.5}, reach_step=4, freeze_step=5)
+    x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
+    for step in range(5):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.param_groups[0]["lr"] = 0.0  # paused after the first step
+        if step < 4:
+            target.step()
+    assert opt.get_sparsity_report().levels["unit"].group_fraction == 0
+    with pytest.warns(RuntimeWarning, match=r"the unit target 50.0% stood at 0.0%") as caught:
+        target.step()
+    assert caught[0].filename == __file__
+    assert opt.frozen and opt.get_sparsity_report().levels["unit"].group_fraction == 0.5
