@@ -70,9 +70,9 @@ BATCH = {"digits": 64, "mnist1d": 100}
 SGD_LR, SGD_MOMENTUM, SGD_WD = 0.1, 0.9, 5e-4
 # AdamW's peak lr, swept for dense AdamW and ProxAdam (3 seeds, accuracy % digits / mnist1d):
 # dense 2e-3: 97.96 / 96.17, 1e-2: 98.89 / 97.70, 2e-2: 98.70 / 98.03, 5e-2: 98.89 / 98.47,
-# 1e-1: 98.80 / 98.33. ProxAdam (prox_metric="lr") at 90% removed on mnist1d: 1e-2 95.8, 2e-2 96.0, 5e-2 83.4
-# (the target lags the schedule, then snaps live groups). 2e-2: dense within 0.5 of its best,
-# ProxAdam stable.
+# 1e-1: 98.80 / 98.33. ProxAdam (prox_metric="lr") at 90% removed on mnist1d: 1e-2 95.8,
+# 2e-2 96.0, 5e-2 83.4 (the target lags the schedule, then snaps live groups). 2e-2: dense
+# within 0.5 of its best, ProxAdam stable.
 ADAMW_LR, ADAMW_WD = 2e-2, 5e-4
 FINETUNE_SGD_LR = 0.01  # fine-tuning: a fresh OneCycle at a tenth of the training lr
 

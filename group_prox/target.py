@@ -108,12 +108,13 @@ class SparsityTarget:
     measured and each multiplier moves multiplicatively,
     ``m ← m·exp(r·clip(gain·e, −max_change, max_change)·update_every)``, ``e`` the wanted sparsity
     ``lookahead`` steps ahead minus the forecast one (the zeros plus the groups whose norm, at its
-    recent pace, reaches 0 by then: the zeros alone lag λ by many steps) and ``r = η/η_ref`` the step size of the prox relative to the largest
-    seen: the prox shrinks by ``η·λ``, so while the learning rate is 0 (a warm-up from 0, a paused
-    schedule) nothing moves, λ neither rises for it nor stalls afterwards, and an LR scheduler is
-    followed. The first multiplier comes from the group norms, so that the shrinkage alone would
-    zero the target quantile of the finest level over the ramp: the controller is indifferent to
-    the scale of λ (ProxSGD and ProxAdam need λs orders of magnitude apart).
+    recent pace, reaches 0 by then: the zeros alone lag λ by many steps) and ``r = η/η_ref`` the
+    step size of the prox relative to the largest seen: the prox shrinks by ``η·λ``, so while the
+    learning rate is 0 (a warm-up from 0, a paused schedule) nothing moves, λ neither rises for
+    it nor stalls afterwards, and an LR scheduler is followed. The first multiplier comes from the
+    group norms, so that the shrinkage alone would zero the target quantile of the finest level
+    over the ramp: the controller is indifferent to the scale of λ (ProxSGD and ProxAdam need λs
+    orders of magnitude apart).
 
     Args:
         optimizer: a :class:`~group_prox.ProxSGD` or :class:`~group_prox.ProxAdam` with a
@@ -727,7 +728,8 @@ class SparsityTarget:
     # ---------------------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
         """The controller's state (step count, multipliers, last measurements and forecasts, the
-        reference step size, the group norms of the last update (their pace gives the forecast); for ``selection="uniform"`` the selected groups and layer scales), its settings, its
+        reference step size, the group norms of the last update (their pace gives the forecast);
+        for ``selection="uniform"`` the selected groups and layer scales), its settings, its
         format version and a checksum of each of its tensors, which :meth:`load_state_dict`
         checks."""
         tensors = self._uniform.tensors() if self._uniform is not None else {}
