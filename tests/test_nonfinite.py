@@ -260,3 +260,24 @@ def test_an_update_that_overflows_does_not_spread(nonfinite):
     with pytest.raises(FloatingPointError, match=r"SGD update made parameter 'w' NaN or infinite"):
         opt.step()
     assert torch.isinf(w[1, 2]) and torch.isfinite(w).sum() == w.numel() - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_first_nonfinite_tells_an_overflowing_reduction_from_an_infinity(dtype):
+    """The look's fast reduction (a dot product, a sum or a norm) overflows on large finite values;
+    those are not taken for infinities, and a NaN or an infinity is found in every layout."""
+    from group_prox.optim._nonfinite import first_nonfinite
+
+    big = torch.finfo(dtype).max / 2
+    tensors = [
+        torch.full((64,), big, dtype=dtype),
+        torch.full((8, 8), big, dtype=dtype).t(),  # not contiguous
+        torch.ones(3, 5, dtype=dtype),
+        torch.empty(0, dtype=dtype),
+    ]
+    assert first_nonfinite(tensors) is None
+    for i in range(3):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            spoiled = [t.clone() for t in tensors]
+            spoiled[i][(0,) * spoiled[i].dim()] = bad
+            assert first_nonfinite(spoiled) == i

@@ -29,15 +29,25 @@ def _values(t: Tensor) -> Tensor:
     return t._values() if t.is_sparse else t
 
 
+def _cpu_flag(v: Tensor, acc: torch.dtype | None) -> Tensor:
+    # The BLAS dot product of a float32/float64 tensor with itself reads it about a fifth faster
+    # than a sum on a CPU, and sum(v²) is as finite as the values (or overflows, see below).
+    if acc is None and v.is_contiguous() and v.dtype in (torch.float32, torch.float64):
+        flat = v.view(-1)
+        return torch.dot(flat, flat)
+    return v.sum(dtype=acc)
+
+
 @torch.no_grad()
 def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
     """Index of the first tensor in ``tensors`` that holds a NaN or an infinity, else ``None``.
 
-    One read of every tensor and one synchronisation with the device for all of them. A sum (on a
-    CPU, where it is the fastest reduction) or a 2-norm (on an accelerator, one multi-tensor
-    kernel), accumulated in float32 for 16-bit tensors, is finite unless the tensor holds a NaN
-    or an infinity or the reduction overflows; the few tensors it flags are then looked at element
-    by element, so that an overflow is not taken for an infinity.
+    One read of every tensor and one synchronisation with the device for all of them. On a CPU,
+    the dot product of a float32/float64 tensor with itself (the fastest reduction there) or the
+    sum of a 16-bit one; on an accelerator, a 2-norm (one multi-tensor kernel); 16-bit tensors
+    are accumulated in float32. Each is finite unless the tensor holds a NaN or an infinity or
+    the reduction overflows; the few tensors it flags are then looked at element by element, so
+    that an overflow is not taken for an infinity.
     """
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     values = [_values(t) for t in tensors]
@@ -52,7 +62,7 @@ def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
         acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
         group = [values[i] for i in indices]
         if device.type == "cpu":
-            reduced = [v.sum(dtype=acc) for v in group]
+            reduced = [_cpu_flag(v, acc) for v in group]
         else:
             reduced = torch._foreach_norm(group, 2, dtype=acc)
         flags.append(torch.stack(reduced).isfinite().cpu())
