@@ -695,6 +695,50 @@ def _pct(v: float, digits: int = 1) -> str:
     return "—" if math.isnan(v) else f"{100 * v:.{digits}f}"
 
 
+def _descriptions() -> dict[tuple[str, ...], str]:
+    """What each method does, keyed by the methods a text describes, for the methods paragraph
+    of the report (the texts of the methods that ran)."""
+    return {
+        ("dense-sgd",): "**dense-sgd** SGD (momentum 0.9, weight decay 5e-4), OneCycle to lr 0.1.",
+        ("dense-adamw",): f"**dense-adamw** AdamW (weight decay 5e-4), OneCycle to lr {ADAMW_LR:g} "
+        "(the best of a sweep over 2e-3–1e-1 within 0.5 point on both tasks, and stable for "
+        "ProxAdam).",
+        ("seed",): "**seed** (knob λ): group lasso added to the loss, λ Σ √|f| ‖f‖₂ over filter "
+        f"groups (conv filter + BatchNorm γ, β) + {LAYER_RATIO:g} λ Σ √|b| ‖b‖₂ over residual "
+        "branches, then groups and branches with norm below 1e-3 × the largest of their level are "
+        "zeroed and held at zero; the last column shows how few groups plain SGD brings to "
+        "exactly zero. seed, tp-groupnorm and magnitude train with dense-sgd's optimiser for the "
+        "sparse epochs, then fine-tune with SGD under a fresh OneCycle to lr 0.01.",
+        ("tp-groupnorm",): "**tp-groupnorm** (knob: per-layer pruning ratio): Torch-Pruning "
+        f"GroupNormPruner (reg {TP_REG:g}, GroupMagnitudeImportance p = 2), one pruning step.",
+        ("magnitude",): "**magnitude** (knob: fraction of each block's inner filters zeroed, "
+        "smallest L2 norm first; a block losing all of them loses its branch).",
+        (
+            "prox-sgd",
+            "prox-adam",
+        ): "**prox-sgd / prox-adam** (knob: the share of the parameters `gp.compress` "
+        "removes, `gp.SparsityTarget(opt, params=knob, model=model)`, the default path): ProxSGD "
+        "with dense-sgd's settings or ProxAdam with dense-adamw's, group lasso on every filter "
+        f"(λ) and, for ProxSGD, residual branch ({LAYER_RATIO:g} λ; ProxAdam: "
+        + (f"{ADAM_LAYER_RATIO:g} λ" if ADAM_LAYER_RATIO else "filters only")
+        + "), one OneCycle over all epochs; warm-up of one epoch, the target reached at "
+        f"{PROX_REACH:g} of the sparse epochs and held, then the zero pattern frozen (`snap`) "
+        "for the fine-tuning epochs, in which the same optimiser trains the survivors.",
+        ("prox-adam-precond",): "**prox-adam-precond**: as prox-adam with "
+        '`prox_metric="preconditioner"` (the prox step per tree lr / mean(√v̂ + ε)).',
+        ("prox-adam-branches",): "**prox-adam-branches**: as prox-adam with the branches penalised "
+        f"({LAYER_RATIO:g} λ).",
+        ("prox-fixed",): "**prox-fixed** (knob: the seed's in-loss λ): ProxSGD with the fixed λ "
+        "`gp.prox_lambda(knob, momentum=0.9)` on every group from the first step, the zero "
+        "pattern frozen for the fine-tuning epochs.",
+        ("prox-uniform",): "**prox-uniform** (knob: fractions of zero filters and zero branches): "
+        'as prox-sgd with `selection="uniform"`, which penalises only the smallest groups of '
+        "each conv (the selection before loss-aware targets).",
+        ("prox-stream",): "**prox-stream**: as prox-sgd, with a level of residual-stream channels "
+        "(`gp.hierarchy.resnet(model, stream=True)`) penalised as the branches.",
+    }
+
+
 def write(rows: list[Row], args: argparse.Namespace, seconds: float) -> str:
     budgets = QUICK_BUDGET if args.quick else FULL_BUDGET
     lines = [
@@ -773,38 +817,10 @@ def write(rows: list[Row], args: argparse.Namespace, seconds: float) -> str:
                 + (f" {'—' if math.isnan(gap) else f'{100 * gap:+.2f}'} |" if compare else "")
             )
         lines.append("")
+    ran = {r.method for r in rows}
     lines += [
-        "Methods: **dense-sgd** SGD (momentum 0.9, weight decay 5e-4), OneCycle to lr 0.1; "
-        f"**dense-adamw** AdamW (weight decay 5e-4), OneCycle to lr {ADAMW_LR:g} (the best of a "
-        "sweep over 2e-3–1e-1 within 0.5 point on both tasks, and stable for ProxAdam). seed, "
-        "tp-groupnorm and "
-        "magnitude train with dense-sgd's optimiser for the sparse epochs, then fine-tune with SGD "
-        "under a fresh OneCycle to lr 0.01. **seed** (knob λ): group lasso added to the loss, "
-        "λ Σ √|f| ‖f‖₂ over filter groups (conv filter + BatchNorm γ, β) + 0.2 λ Σ √|b| ‖b‖₂ over "
-        "residual branches, then groups and branches with norm below 1e-3 × the largest of their "
-        "level are zeroed and held at zero; the last column shows how few groups plain SGD "
-        "brings to exactly zero. **tp-groupnorm** (knob: per-layer pruning ratio): Torch-Pruning "
-        f"GroupNormPruner (reg {TP_REG:g}, GroupMagnitudeImportance p = 2), one pruning step. "
-        "**magnitude** (knob: fraction of each block's inner filters zeroed, smallest L2 norm "
-        "first; a block losing all of them loses its branch). "
-        "**prox-sgd / prox-adam** (knob: the share of the parameters `gp.compress` removes, "
-        "`gp.SparsityTarget(opt, params=knob, model=model)`, the default path): ProxSGD with "
-        "dense-sgd's settings or ProxAdam with dense-adamw's, group lasso on every filter "
-        f"(λ) and, for ProxSGD, residual branch ({LAYER_RATIO:g} λ; ProxAdam: "
-        + (f"{ADAM_LAYER_RATIO:g} λ" if ADAM_LAYER_RATIO else "filters only")
-        + "), one OneCycle over all epochs; warm-up of "
-        f"one epoch, the target reached at {PROX_REACH:g} of the sparse epochs and held, then the "
-        "zero pattern frozen (`snap`) for the fine-tuning epochs, in which the same optimiser "
-        "trains the survivors. **prox-adam-precond**: as prox-adam with "
-        '`prox_metric="preconditioner"` (the prox step per tree lr / mean(√v̂ + ε)). '
-        f"**prox-adam-branches**: as prox-adam with the branches penalised ({LAYER_RATIO:g} λ). "
-        "**prox-fixed** (knob: the seed's in-loss λ): ProxSGD with the "
-        "fixed λ `gp.prox_lambda(knob, momentum=0.9)` on every group from the first step, the "
-        "zero pattern frozen for the fine-tuning epochs. **prox-uniform** (knob: fractions of "
-        'zero filters and zero branches): as prox-sgd with `selection="uniform"`, which '
-        "penalises only the smallest groups of each conv (the selection before loss-aware "
-        "targets). **prox-stream**: as prox-sgd, with a level of residual-stream channels "
-        "(`gp.hierarchy.resnet(model, stream=True)`) penalised as the branches.",
+        "Methods: "
+        + " ".join(text for methods, text in _descriptions().items() if ran.intersection(methods)),
         "",
         f"Produced by `{f'python benchmarks/frontier.py {args.command}'.rstrip()}` in "
         f"{seconds / 60:.1f} min.",

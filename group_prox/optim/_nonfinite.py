@@ -29,25 +29,40 @@ def _values(t: Tensor) -> Tensor:
     return t._values() if t.is_sparse else t
 
 
-def _cpu_flag(v: Tensor, acc: torch.dtype | None) -> Tensor:
-    # The BLAS dot product of a float32/float64 tensor with itself reads it about a fifth faster
-    # than a sum on a CPU, and sum(v²) is as finite as the values (or overflows, see below).
-    if acc is None and v.is_contiguous() and v.dtype in (torch.float32, torch.float64):
-        flat = v.view(-1)
-        return torch.dot(flat, flat)
-    return v.sum(dtype=acc)
+# On a CPU, a tensor this large is read fastest by a BLAS dot product with itself (about a fifth
+# faster than a sum); smaller ones cost more in calls than in reading, and go to one multi-tensor
+# norm together.
+_DOT_NUMEL = 1 << 14
+
+
+def _cpu_reductions(
+    values: list[Tensor], acc: torch.dtype | None
+) -> tuple[list[int], list[Tensor]]:
+    """The order of ``values`` and, in that order, one reduction of each that is finite unless it
+    holds a NaN or an infinity or the reduction overflows."""
+    large = [
+        i
+        for i, v in enumerate(values)
+        if acc is None and v.numel() >= _DOT_NUMEL and v.is_contiguous()
+    ]
+    chosen = set(large)
+    small = [i for i in range(len(values)) if i not in chosen]
+    reduced = [torch.dot(values[i].view(-1), values[i].view(-1)) for i in large]
+    if small:
+        reduced.extend(torch._foreach_norm([values[i] for i in small], 2, dtype=acc))
+    return large + small, reduced
 
 
 @torch.no_grad()
 def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
     """Index of the first tensor in ``tensors`` that holds a NaN or an infinity, else ``None``.
 
-    One read of every tensor and one synchronisation with the device for all of them. On a CPU,
-    the dot product of a float32/float64 tensor with itself (the fastest reduction there) or the
-    sum of a 16-bit one; on an accelerator, a 2-norm (one multi-tensor kernel); 16-bit tensors
-    are accumulated in float32. Each is finite unless the tensor holds a NaN or an infinity or
-    the reduction overflows; the few tensors it flags are then looked at element by element, so
-    that an overflow is not taken for an infinity.
+    One read of every tensor and one synchronisation with the device for all of them: a 2-norm
+    (one multi-tensor kernel; on a CPU, large float32/float64 tensors take a dot product with
+    themselves, the fastest read there), accumulated in float32 for 16-bit tensors. Each is finite
+    unless the tensor holds a NaN or an infinity or the reduction overflows; the few tensors it
+    flags are then looked at element by element, so that an overflow is not taken for an
+    infinity.
     """
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     values = [_values(t) for t in tensors]
@@ -62,9 +77,10 @@ def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
         acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
         group = [values[i] for i in indices]
         if device.type == "cpu":
-            reduced = [_cpu_flag(v, acc) for v in group]
+            positions, reduced = _cpu_reductions(group, acc)
+            indices = [indices[k] for k in positions]
         else:
-            reduced = torch._foreach_norm(group, 2, dtype=acc)
+            reduced = list(torch._foreach_norm(group, 2, dtype=acc))
         flags.append(torch.stack(reduced).isfinite().cpu())
         order.extend(indices)
     finite = torch.cat(flags)
