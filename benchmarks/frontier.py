@@ -699,7 +699,8 @@ def _descriptions() -> dict[tuple[str, ...], str]:
     """What each method does, keyed by the methods a text describes, for the methods paragraph
     of the report (the texts of the methods that ran)."""
     return {
-        ("dense-sgd",): "**dense-sgd** SGD (momentum 0.9, weight decay 5e-4), OneCycle to lr 0.1.",
+        ("dense-sgd",): f"**dense-sgd** SGD (momentum {SGD_MOMENTUM:g}, weight decay "
+        f"{SGD_WD:g}), OneCycle to lr {SGD_LR:g}.",
         ("dense-adamw",): f"**dense-adamw** AdamW (weight decay 5e-4), OneCycle to lr {ADAMW_LR:g} "
         "(the best of a sweep over 2e-3–1e-1 within 0.5 point on both tasks, and stable for "
         "ProxAdam).",
@@ -935,6 +936,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs in parallel, one thread each (default 1)")  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--sgd-lr", type=float, default=None,
+                        help=f"peak lr of every SGD method (default {SGD_LR:g})")  # fmt: skip
     parser.add_argument("--reuse", action="store_true",
                         help=f"take the rows of methods not rerun from {ROWS.name}")  # fmt: skip
     args = parser.parse_args(argv)
@@ -945,6 +948,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown or unavailable methods {unknown}; available: {list(METHODS)}")
     if args.seeds is None:
         args.seeds = 1 if args.quick else 5
+    if args.sgd_lr is not None:
+        globals()["SGD_LR"] = args.sgd_lr  # read by the workers, forked after this
     start = time.perf_counter()
     budgets = QUICK_BUDGET if args.quick else FULL_BUDGET
     rows = run_all(args.tasks, args.methods, args.seeds, budgets, args.jobs)
