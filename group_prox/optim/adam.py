@@ -48,12 +48,17 @@ class ProxAdam(ProxMixin, torch.optim.AdamW):
     In both cases the metric is a scalar on each tree, so the level-by-level composition remains the
     exact prox in that metric.
 
-    **Which levels to penalise.** Penalise the finest level (filters, heads, neurons) only: a
-    coarser group (a residual branch, an expert) still goes, exactly, once its last member does.
-    A coarser level's penalty shrinks every member of a group at once, by ``lr·λ·w_g`` whatever
-    their gradients, and under a :class:`~group_prox.SparsityTarget` it cost accuracy at high
-    sparsity (a ResNet on mnist1d, 90% of the parameters removed, 5 seeds: 95.9% with the
-    branches penalised at 0.2 λ, 97.3% with the filters only; ProxSGD was indifferent).
+    **Which levels to penalise.** Where the finest level holds only groups inside branches
+    (the filters of ``gp.hierarchy.resnet``, the heads and neurons of ``gp.hierarchy.transformer``),
+    penalise it only: a coarser group (a residual branch, an expert) still goes, exactly, once its
+    last member does. A coarser level's penalty shrinks every member of a group at once, by
+    ``lr·λ·w_g`` whatever their gradients, and under a :class:`~group_prox.SparsityTarget` it cost
+    accuracy at high sparsity (a ResNet on mnist1d, 90% of the parameters removed, 5 seeds: 95.9%
+    with the branches penalised at 0.2 λ, 97.3% with the filters only; ProxSGD was indifferent).
+    Where the finest level also holds residual-stream channels (``gp.hierarchy.auto``, or a stream
+    level), keep the branches penalised: without them a target can zero every channel of a stream,
+    which cuts the model off its input (timm's resnet18 with ``auto``, 70% of the parameters:
+    all 512 channels of the last stage's stream, chance accuracy, with ProxSGD as with ProxAdam).
 
     Args:
         params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable,
