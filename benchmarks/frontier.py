@@ -701,7 +701,9 @@ def _descriptions() -> dict[tuple[str, ...], str]:
     return {
         ("dense-sgd",): f"**dense-sgd** SGD (momentum {SGD_MOMENTUM:g}, weight decay "
         f"{SGD_WD:g}), OneCycle to lr {SGD_LR:g}.",
-        ("dense-adamw",): f"**dense-adamw** AdamW (weight decay 5e-4), OneCycle to lr {ADAMW_LR:g} "
+        (
+            "dense-adamw",
+        ): f"**dense-adamw** AdamW (weight decay {ADAMW_WD:g}), OneCycle to lr {ADAMW_LR:g} "
         "(the best of a sweep over 2e-3–1e-1 within 0.5 point on both tasks, and stable for "
         "ProxAdam).",
         ("seed",): "**seed** (knob λ): group lasso added to the loss, λ Σ √|f| ‖f‖₂ over filter "
@@ -709,7 +711,7 @@ def _descriptions() -> dict[tuple[str, ...], str]:
         "branches, then groups and branches with norm below 1e-3 × the largest of their level are "
         "zeroed and held at zero; the last column shows how few groups plain SGD brings to "
         "exactly zero. seed, tp-groupnorm and magnitude train with dense-sgd's optimiser for the "
-        "sparse epochs, then fine-tune with SGD under a fresh OneCycle to lr 0.01.",
+        f"sparse epochs, then fine-tune with SGD under a fresh OneCycle to lr {FINETUNE_SGD_LR:g}.",
         ("tp-groupnorm",): "**tp-groupnorm** (knob: per-layer pruning ratio): Torch-Pruning "
         f"GroupNormPruner (reg {TP_REG:g}, GroupMagnitudeImportance p = 2), one pruning step.",
         ("magnitude",): "**magnitude** (knob: fraction of each block's inner filters zeroed, "

@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         f"torchvision models built from their constructors (10 classes), digits at 16×16, "
         f"{STEPS} steps of batch {BATCH}: warm-up {WARMUP}, target reached at step {REACH}, "
         f"frozen at {FREEZE}. ProxSGD lr 0.05 (momentum 0.9), ProxAdam lr 1e-3, OneCycle; group "
-        "lasso on filters (λ) and, with ProxSGD, branches (0.2 λ). Removed: 1 − parameters of the compressed "
-        "model ÷ parameters of the trained one.",
+        "lasso on filters (λ) and, with ProxSGD, branches (0.2 λ). Removed: 1 − parameters of "
+        "the compressed model ÷ parameters of the trained one.",
         "",
         "| model | optimizer | target | removed | error (points) | training (s) |",
         "|---|---|---:|---:|---:|---:|",

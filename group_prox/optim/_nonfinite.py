@@ -29,9 +29,9 @@ def _values(t: Tensor) -> Tensor:
     return t._values() if t.is_sparse else t
 
 
-# On a CPU, a tensor this large is read fastest by a BLAS dot product with itself (about a fifth
-# faster than a sum); smaller ones cost more in calls than in reading, and go to one multi-tensor
-# norm together.
+# On a CPU, a tensor this large is read fastest by a BLAS dot product with itself (the look took
+# 5-11% less than a sum per tensor on resnet50, efficientnet_b0 and mobilenet_v3_large); smaller
+# ones cost more in calls than in reading, and go to one multi-tensor norm together.
 _DOT_NUMEL = 1 << 14
 
 
@@ -40,13 +40,11 @@ def _cpu_reductions(
 ) -> tuple[list[int], list[Tensor]]:
     """The order of ``values`` and, in that order, one reduction of each that is finite unless it
     holds a NaN or an infinity or the reduction overflows."""
-    large = [
-        i
-        for i, v in enumerate(values)
-        if acc is None and v.numel() >= _DOT_NUMEL and v.is_contiguous()
-    ]
-    chosen = set(large)
-    small = [i for i in range(len(values)) if i not in chosen]
+    large: list[int] = []
+    small: list[int] = []
+    for i, v in enumerate(values):
+        dot = acc is None and v.numel() >= _DOT_NUMEL and v.is_contiguous()
+        (large if dot else small).append(i)
     reduced = [torch.dot(values[i].view(-1), values[i].view(-1)) for i in large]
     if small:
         reduced.extend(torch._foreach_norm([values[i] for i in small], 2, dtype=acc))
